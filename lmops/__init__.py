@@ -1,0 +1,1 @@
+"""lmops: a workflow-orchestrated MLOps platform for transformer models."""

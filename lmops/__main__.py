@@ -1,0 +1,3 @@
+from lmops.cli import app
+
+app(prog_name="lmops")

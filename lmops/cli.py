@@ -1,0 +1,101 @@
+"""The `lmops` command line: one Typer app whose --help is the reference.
+
+Errors a user can cause print as one line (`error: ...`) with a non-zero exit; heavy
+libraries are imported inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lmops.errors import LmopsError
+
+app = typer.Typer(
+    help="lmops: data → validated data → model → ONNX → served, orchestrated by Prefect "
+    "and versioned by DVC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LmopsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+ProfileOption = Annotated[
+    str | None, typer.Option("--profile", "-p", help="Named override set from profiles/.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one param, e.g. data.split.seed=3 (repeatable)."),
+]
+
+
+@app.command()
+@_user_errors
+def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
+    """Run the training flow (Prefect) over every stage; DVC skips what is up to date.
+
+    The profile and --set overrides are written into params.yaml first, as
+    `dvc exp run --set-param` does, so dvc.lock records what the run used.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from lmops.flows.training import training
+
+    result = training(profile=profile, overrides=set_ or [], project_dir=str(Path.cwd()))
+    _print_summary(result)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    manifest = result["manifest"]
+    rows = manifest["rows"]
+    typer.echo("\nlmops run finished")
+    for stage in result["stages"]:
+        typer.echo(f"  {stage['stage']:<10} {'ran' if stage['ran'] else 'up to date, skipped'}")
+    labelled, corpus = manifest["labelled"], manifest["corpus"]
+    unique = rows["train"] + rows["val"] + rows["test"]
+    typer.echo(
+        f"  labelled   {labelled['spec']}: {labelled['rows_read']:,} rows read, {unique:,} unique "
+        f"kept (train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}); dropped "
+        + ", ".join(f"{n:,} {reason}" for reason, n in labelled["dropped"].items())
+    )
+    typer.echo(
+        f"  corpus     {corpus['spec']}: {corpus['rows_read']:,} docs read, {rows['corpus']:,} "
+        "kept; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in corpus["dropped"].items())
+    )
+    typer.echo("  data       data/validated/ (manifest.json has counts and hashes)")
+    typer.echo(f"  report     {result['data_docs']}")
+
+
+@app.command()
+@_user_errors
+def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml.")]) -> None:
+    """Run one stage from params.yaml: what each stage's `cmd` in dvc.yaml calls."""
+    from lmops.config import load_params
+    from lmops.stages import STAGES
+
+    if name not in STAGES:
+        raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    STAGES[name](load_params(Path.cwd()), Path.cwd())
+
+
+if __name__ == "__main__":
+    app()

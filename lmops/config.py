@@ -1,0 +1,202 @@
+"""Typed configuration loaded from params.yaml, with profiles and --set overrides.
+
+params.yaml is the single source of every knob (DVC's convention). The models below
+carry no defaults on purpose: a knob missing from params.yaml is an error, so the file
+always tells the whole truth about a run. Profiles in `profiles/NAME.yaml` and
+`--set key=value` overrides are written into params.yaml before a run, the way
+`dvc exp run --set-param` does, so `dvc.lock` records what was really used.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmops.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+PROFILES_DIR = "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SplitConfig(_Strict):
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    seed: int
+
+
+class DataConfig(_Strict):
+    source: str = Field(min_length=1)
+    corpus: str = Field(min_length=1)
+    normalization: Literal["NFKC", "NFC", "none"]
+    max_text_chars: int = Field(gt=0)
+    max_rows: int | None = Field(gt=0)
+    corpus_max_docs: int | None = Field(gt=0)
+    split: SplitConfig
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> DataConfig:
+        if self.split.val_fraction + self.split.test_fraction >= 0.9:
+            raise ValueError("split.val_fraction + split.test_fraction must stay below 0.9")
+        return self
+
+
+class MinRowsConfig(_Strict):
+    train: int = Field(ge=1)
+    val: int = Field(ge=1)
+    test: int = Field(ge=1)
+    corpus: int = Field(ge=1)
+
+
+class ValidationConfig(_Strict):
+    min_rows: MinRowsConfig
+    min_text_chars: int = Field(ge=1)
+    max_text_chars: int = Field(gt=0)
+    labels: list[str] | None
+    min_class_share: float = Field(gt=0, lt=1)
+    show_failed_rows: int = Field(ge=1)
+
+
+class Params(_Strict):
+    data: DataConfig
+    validation: ValidationConfig
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = _dotted(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: missing key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping; every problem is reported with its dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE} must hold a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise ConfigError(f"invalid params: {problems}") from None
+
+
+def read_raw(root: Path) -> dict[str, Any]:
+    path = root / PARAMS_FILE
+    if not path.is_file():
+        raise ConfigError(f"no {PARAMS_FILE} in {root} (run lmops from the project root)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+
+
+def load_params(root: Path = Path(".")) -> Params:
+    return parse_params(read_raw(root))
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    node: Any = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{origin}: unknown key {'.'.join(parts[: depth + 1])}")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_set(expr: str) -> tuple[str, Any]:
+    """`data.split.seed=3` -> ("data.split.seed", 3); the value is read as YAML."""
+    key, sep, text = expr.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {expr!r}: expected key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def profile_overrides(root: Path, name: str) -> dict[str, Any]:
+    path = root / PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
+        raise ConfigError(f"unknown profile {name!r} (known: {', '.join(known) or 'none'})")
+    overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"profile {name!r} must hold a mapping of params")
+    return _flatten(overrides)
+
+
+def resolve_overrides(root: Path, profile: str | None, sets: list[str]) -> dict[str, Any]:
+    """The profile's overrides, then each --set on top, as dotted keys."""
+    overrides = profile_overrides(root, profile) if profile else {}
+    overrides.update(parse_set(expr) for expr in sets)
+    return overrides
+
+
+def apply_overrides(root: Path, overrides: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """Write overrides into params.yaml (comments kept, atomic) and return the new params.
+
+    Returns the params and the keys whose value changed, old and new. Nothing is written
+    when the result would be invalid.
+    """
+    raw = read_raw(root)
+    changed: dict[str, Any] = {}
+    flat_before = _flatten(raw)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value, origin=key)
+        if flat_before.get(key) != value:
+            changed[key] = {"from": flat_before.get(key), "to": value}
+    params = parse_params(raw)
+    if changed:
+        _write_round_trip(root / PARAMS_FILE, overrides)
+    return params, changed
+
+
+def _write_round_trip(path: Path, overrides: dict[str, Any]) -> None:
+    from ruamel.yaml import YAML
+
+    round_trip = YAML()
+    round_trip.preserve_quotes = True
+    round_trip.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    document = round_trip.load(path.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        node = document
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    buffer = io.StringIO()
+    round_trip.dump(document, buffer)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)

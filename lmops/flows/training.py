@@ -1,0 +1,127 @@
+"""The training flow: each stage a Prefect task that asks DVC to reproduce that stage.
+
+DVC decides run-or-skip from its content hashes and writes dvc.lock; Prefect owns
+scheduling, retries, logs and the UI. So the flow and `dvc repro` are interchangeable:
+after either, `dvc status` is clean and the other does no work.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from lmops.config import apply_overrides, resolve_overrides
+from lmops.errors import LmopsError
+from lmops.stages import STAGES, VALIDATED_DIR, VALIDATION_DOCS_DIR
+
+
+class StageFailed(LmopsError):
+    """`dvc repro` of one stage exited non-zero; the message carries its last lines."""
+
+
+def _dvc_env() -> dict[str, str]:
+    """The stage commands call `lmops`: make sure this interpreter's scripts are found."""
+    env = dict(os.environ)
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = scripts + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def _reason(output: str) -> str:
+    """The stage's own one-line errors (`error: ...`), else the last lines DVC printed."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("error: ")), None)
+    if start is None:
+        return "\n".join(lines[-5:])
+    ours = [line for line in lines[start:] if not line.startswith("ERROR: failed to reproduce")]
+    return "\n".join(ours).removeprefix("error: ")
+
+
+def _locked(root: Path, stage: str) -> dict[str, list[str]]:
+    """What dvc.lock says the stage read and wrote, as `path (md5)` strings."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}
+    entry = lock.get("stages", {}).get(stage, {})
+    return {
+        kind: [f"{item['path']} ({item.get('md5', '?')[:12]})" for item in entry.get(kind, [])]
+        for kind in ("deps", "outs")
+    }
+
+
+@task(task_run_name="stage-{stage}")
+def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed."""
+    logger = get_run_logger()
+    root = Path(project_dir)
+    completed = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        cwd=root, env=_dvc_env(), capture_output=True, text=True,
+    )
+    output = (completed.stdout + completed.stderr).strip()
+    if completed.returncode != 0:
+        logger.error("dvc repro %s failed:\n%s", stage, output)
+        raise StageFailed(f"stage {stage} failed: {_reason(output)}")
+    ran = "didn't change, skipping" not in output
+    io = _locked(root, stage)
+    logger.info(
+        "%s %s\nread: %s\nwrote: %s", "ran" if ran else "skipped (up to date):", stage,
+        ", ".join(io["deps"]), ", ".join(io["outs"]),
+    )
+    return {"stage": stage, "ran": ran, **io}
+
+
+def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[dict]) -> str:
+    rows = manifest["rows"]
+    lines = [
+        "# Data manifest",
+        "",
+        "| table | rows | content sha256 |",
+        "|---|---:|---|",
+        *(f"| {name} | {rows[name]:,} | `{manifest['content_sha256'][name][:16]}` |"
+          for name in rows),
+        "",
+        "| dropped | rows |",
+        "|---|---:|",
+        *(f"| labelled: {reason} | {n:,} |" for reason, n in manifest["labelled"]["dropped"].items()),
+        *(f"| corpus: {reason} | {n:,} |" for reason, n in manifest["corpus"]["dropped"].items()),
+        "",
+        f"Labels: {', '.join(manifest['labelled']['labels'])}. "
+        f"Sources: `{manifest['labelled']['spec']}`, `{manifest['corpus']['spec']}`.",
+        "",
+        f"Validation report (Great Expectations Data Docs): [{docs_index}]({docs_index.as_uri()})",
+        "",
+        "| stage | result |",
+        "|---|---|",
+        *(f"| {s['stage']} | {'ran' if s['ran'] else 'skipped (up to date)'} |" for s in stages),
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="training", log_prints=True)
+def training(
+    profile: str | None = None, overrides: list[str] | None = None, project_dir: str = "."
+) -> dict[str, Any]:
+    """Apply the profile and overrides to params.yaml, then reproduce every stage in order."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    _, changed = apply_overrides(root, resolve_overrides(root, profile, overrides or []))
+    if changed:
+        logger.info("params.yaml changed: %s", changed)
+    stages = [reproduce_stage(stage, str(root)) for stage in STAGES]
+    from lmops.tasks.validate import read_manifest
+
+    manifest = read_manifest(root / VALIDATED_DIR)
+    docs_index = root / VALIDATION_DOCS_DIR / "index.html"
+    create_markdown_artifact(
+        key="data-manifest",
+        markdown=_manifest_markdown(manifest, docs_index, stages),
+        description="Row counts, drops and content hashes of the validated data",
+    )
+    return {"stages": stages, "manifest": manifest, "data_docs": str(docs_index)}

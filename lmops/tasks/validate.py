@@ -1,0 +1,219 @@
+"""Validate: the data contract, as Great Expectations suites over every split and the corpus.
+
+A failing batch stops the run: it is copied with GX's result and Data Docs to
+`data/quarantine/<timestamp>/`, the error names each failed expectation with a few
+offending rows, and the last good `data/validated/` is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmops.atomic import atomic_dir, write_json
+from lmops.config import ValidationConfig
+from lmops.errors import DataError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+TABLES = ("train", "val", "test", "corpus")
+# U+FFFD marks bytes a decoder could not read; NUL and stray surrogates are never text.
+UNREADABLE = r"[\ufffd\x00\ud800-\udfff]"
+DOCS_SITE = "lmops"
+
+
+def _load(ingested_dir: Path) -> dict[str, pd.DataFrame]:
+    missing = [t for t in TABLES if not (ingested_dir / f"{t}.parquet").is_file()]
+    if missing:
+        raise DataError(f"{ingested_dir}: no ingested {', '.join(missing)} (run ingest first)")
+    return {t: pd.read_parquet(ingested_dir / f"{t}.parquet") for t in TABLES}
+
+
+def _text_expectations(gxe: Any, cfg: ValidationConfig, min_rows: int) -> list[Any]:
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
+        gxe.ExpectColumnValuesToNotBeNull(column="text"),
+        gxe.ExpectColumnValuesToBeOfType(column="text", type_="str"),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="text", min_value=cfg.min_text_chars, max_value=cfg.max_text_chars
+        ),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=UNREADABLE),
+        gxe.ExpectColumnValuesToBeUnique(column="text"),
+    ]
+
+
+def build_suites(gx: Any, cfg: ValidationConfig, labels: list[str]) -> dict[str, Any]:
+    """One suite per batch: the three labelled splits, the corpus, and all splits together."""
+    import great_expectations.expectations as gxe
+
+    suites: dict[str, Any] = {}
+    for split in ("train", "val", "test"):
+        suite = gx.ExpectationSuite(name=f"lmops_{split}")
+        suite.add_expectation(
+            gxe.ExpectTableColumnsToMatchSet(column_set=["text", "label"], exact_match=True)
+        )
+        for expectation in _text_expectations(gxe, cfg, getattr(cfg.min_rows, split)):
+            suite.add_expectation(expectation)
+        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column="label"))
+        suite.add_expectation(gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=labels))
+        # "This class holds at least min_class_share of the rows", per class.
+        for label in labels:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(
+                column="label", value_set=[label], mostly=cfg.min_class_share
+            ))
+        suites[split] = suite
+    corpus = gx.ExpectationSuite(name="lmops_corpus")
+    corpus.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=["text"], exact_match=True))
+    for expectation in _text_expectations(gxe, cfg, cfg.min_rows.corpus):
+        corpus.add_expectation(expectation)
+    suites["corpus"] = corpus
+    # No cross-batch expectation works on pandas: concatenate, then a text must be unique.
+    disjoint = gx.ExpectationSuite(name="lmops_splits_disjoint")
+    disjoint.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="text"))
+    suites["splits_disjoint"] = disjoint
+    return suites
+
+
+def _batches(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    together = pd.concat(
+        [tables[s].assign(split=s) for s in ("train", "val", "test")], ignore_index=True
+    )
+    return {**tables, "splits_disjoint": together}
+
+
+def _context(gx: Any, docs_dir: Path) -> Any:
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    for site in list(context.get_site_names()):
+        context.delete_data_docs_site(site)
+    context.add_data_docs_site(site_name=DOCS_SITE, site_config={
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                          "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    return context
+
+
+def _offending_rows(result: Any, frame: pd.DataFrame) -> str:
+    indexes = result.result.get("partial_unexpected_index_list") or []
+    if indexes:
+        shown = []
+        for index in indexes:
+            row = frame.loc[index] if index in frame.index else None
+            text = "" if row is None else str(row.get("text", ""))
+            where = f" [{row['split']}]" if row is not None and "split" in row else ""
+            shown.append(f"row {index + 1}{where}: {text[:60]!r}")
+        return "; ".join(shown)
+    values = result.result.get("partial_unexpected_list") or []
+    if values:
+        return "values " + ", ".join(repr(str(v)[:60]) for v in values)
+    observed = result.result.get("observed_value")
+    return f"observed {observed!r}" if observed is not None else ""
+
+
+def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in {"batch_id"}}
+    if len(str(kwargs)) > 120:
+        kwargs = {k: v for k, v in kwargs.items() if k in {"column", "mostly"}}
+    raised = result.exception_info.get("raised_exception")
+    detail = (
+        f"could not be evaluated: {result.exception_info.get('exception_message')}"
+        if raised else _offending_rows(result, frame)
+    )
+    return f"{batch}: {config.type} {kwargs} failed — {detail}"
+
+
+def validate_tables(
+    tables: dict[str, pd.DataFrame], cfg: ValidationConfig, docs_dir: Path, show_rows: int
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Run every suite; return the failure lines, per-batch stats and GX's raw results."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    labels = list(cfg.labels) if cfg.labels is not None else sorted(tables["train"]["label"].unique())
+    context = _context(gx, docs_dir)
+    source = context.data_sources.add_pandas("lmops")
+    failures: list[str] = []
+    stats: dict[str, Any] = {}
+    raw_results: dict[str, Any] = {}
+    for batch, suite in build_suites(gx, cfg, labels).items():
+        frame = _batches(tables)[batch]
+        definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
+        validation = context.validation_definitions.add(gx.ValidationDefinition(
+            name=batch, data=definition, suite=context.suites.add(suite)
+        ))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"lmops_{batch}",
+            validation_definitions=[validation],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": show_rows},
+        ))
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        raw_results[batch] = outcome.describe_dict()
+        results = [r for run in outcome.run_results.values() for r in run.results]
+        failed = [r for r in results if not r.success or r.exception_info.get("raised_exception")]
+        failures.extend(_describe_failure(batch, r, frame) for r in failed)
+        stats[batch] = {"rows": len(frame), "expectations": len(results), "failed": len(failed)}
+    return failures, stats, raw_results
+
+
+def _quarantine(ingested_dir: Path, quarantine_root: Path, docs: Path, raw: dict) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = quarantine_root / stamp
+    shutil.copytree(ingested_dir, target / "batch")
+    shutil.move(str(docs), target / "data_docs")
+    write_json(target / "gx_result.json", raw)
+    return target
+
+
+def run(
+    cfg: ValidationConfig,
+    ingested_dir: Path,
+    validated_dir: Path,
+    docs_dir: Path,
+    quarantine_root: Path,
+    metrics_path: Path,
+) -> dict[str, Any]:
+    """Validate `ingested_dir`; on success publish it as `validated_dir` with Data Docs."""
+    tables = _load(ingested_dir)
+    docs_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch_docs = Path(tempfile.mkdtemp(prefix=".docs-", dir=docs_dir.parent))
+    try:
+        failures, stats, raw = validate_tables(tables, cfg, scratch_docs, cfg.show_failed_rows)
+        if failures:
+            where = _quarantine(ingested_dir, quarantine_root, scratch_docs, raw)
+            raise ValidationFailed(
+                f"{len(failures)} expectation(s) failed; batch quarantined in {where} "
+                f"(last good {validated_dir} untouched):\n  " + "\n  ".join(failures)
+            )
+        with atomic_dir(validated_dir) as scratch:
+            for name in (*TABLES, "manifest"):
+                suffix = ".json" if name == "manifest" else ".parquet"
+                shutil.copy2(ingested_dir / f"{name}{suffix}", scratch / f"{name}{suffix}")
+        with atomic_dir(docs_dir) as published:
+            shutil.copytree(scratch_docs, published, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(scratch_docs, ignore_errors=True)
+    summary = {"success": True, "batches": stats}
+    write_json(metrics_path, summary)
+    log.info("validate: %s passed; wrote %s and Data Docs %s",
+             ", ".join(f"{b} ({s['expectations']})" for b, s in stats.items()),
+             validated_dir, docs_dir / "index.html")
+    return summary
+
+
+def read_manifest(validated_dir: Path) -> dict[str, Any]:
+    return json.loads((validated_dir / "manifest.json").read_text(encoding="utf-8"))
