@@ -77,14 +77,14 @@ BUILTINS = {
 }
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(path: Path, data: bytes, key: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
-            f"{path}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}, "
-            f"line {line}); save the file as UTF-8"
+            f"{key}: {path} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}, line {line}); save the file as UTF-8"
         ) from None
 
 
@@ -107,14 +107,14 @@ def _read_file(path: Path, key: str, suffixes: set[str]) -> RawSource:
         if suffix in {".parquet", ".pq"}:
             frame = pd.read_parquet(io.BytesIO(data))
         elif suffix == ".txt":
-            frame = pd.DataFrame({"text": _lines(_decode(path, data))})
+            frame = pd.DataFrame({"text": _lines(_decode(path, data, key))})
         elif suffix == ".csv":
             # Only truly empty fields are missing: "NA" or "null" in a review is text.
             frame = pd.read_csv(
-                io.StringIO(_decode(path, data)), keep_default_na=False, na_values=[""]
+                io.StringIO(_decode(path, data, key)), keep_default_na=False, na_values=[""]
             )
         else:
-            frame = pd.read_json(io.StringIO(_decode(path, data)), lines=True, dtype=False)
+            frame = pd.read_json(io.StringIO(_decode(path, data, key)), lines=True, dtype=False)
     except DataError:
         raise
     except Exception as err:  # each parser has its own error types; all mean "unreadable"

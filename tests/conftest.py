@@ -40,8 +40,9 @@ def tool_env(**extra: str) -> dict[str, str]:
     """The environment a subprocess of this venv needs: its scripts first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1"})
+    env.update(
+        {"DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    )
     env.update(extra)
     return env
 
@@ -49,8 +50,11 @@ def tool_env(**extra: str) -> dict[str, str]:
 def copy_project(dest: Path) -> Path:
     """Copy what git would ship (tracked and untracked-not-ignored files) into `dest`."""
     listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
-        capture_output=True, text=True, check=True,
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     for name in listed:
         source = REPO_ROOT / name
@@ -64,10 +68,62 @@ def copy_project(dest: Path) -> Path:
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.name=lmops-tests", "-c", "user.email=tests@lmops.invalid", *args],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
 def tree_digest(path: Path) -> dict[str, bytes]:
     """Every file under `path` with its bytes: equal digests mean nothing was touched."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real Prefect server on a free loopback port with its own PREFECT_HOME."""
+    import signal
+    import time
+
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = tool_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN_DIR / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"Prefect server did not start:\n{(home / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield {"api_url": api_url, "env": {**env, "PREFECT_API_URL": api_url}}
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()

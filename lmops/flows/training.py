@@ -62,7 +62,10 @@ def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
     root = Path(project_dir)
     completed = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root, env=_dvc_env(), capture_output=True, text=True,
+        cwd=root,
+        env=_dvc_env(),
+        capture_output=True,
+        text=True,
     )
     output = (completed.stdout + completed.stderr).strip()
     if completed.returncode != 0:
@@ -71,8 +74,11 @@ def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
     ran = "didn't change, skipping" not in output
     io = _locked(root, stage)
     logger.info(
-        "%s %s\nread: %s\nwrote: %s", "ran" if ran else "skipped (up to date):", stage,
-        ", ".join(io["deps"]), ", ".join(io["outs"]),
+        "%s %s\nread: %s\nwrote: %s",
+        "ran" if ran else "skipped (up to date):",
+        stage,
+        ", ".join(io["deps"]),
+        ", ".join(io["outs"]),
     )
     return {"stage": stage, "ran": ran, **io}
 
@@ -84,12 +90,17 @@ def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[
         "",
         "| table | rows | content sha256 |",
         "|---|---:|---|",
-        *(f"| {name} | {rows[name]:,} | `{manifest['content_sha256'][name][:16]}` |"
-          for name in rows),
+        *(
+            f"| {name} | {rows[name]:,} | `{manifest['content_sha256'][name][:16]}` |"
+            for name in rows
+        ),
         "",
         "| dropped | rows |",
         "|---|---:|",
-        *(f"| labelled: {reason} | {n:,} |" for reason, n in manifest["labelled"]["dropped"].items()),
+        *(
+            f"| labelled: {reason} | {n:,} |"
+            for reason, n in manifest["labelled"]["dropped"].items()
+        ),
         *(f"| corpus: {reason} | {n:,} |" for reason, n in manifest["corpus"]["dropped"].items()),
         "",
         f"Labels: {', '.join(manifest['labelled']['labels'])}. "

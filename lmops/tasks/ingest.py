@@ -69,9 +69,11 @@ def _clean_labels(labels: pd.Series, key: str) -> pd.Series:
     if len(floats):
         raise DataError(
             f"{key}: labels must be strings or integers; row {floats[0] + 1} holds the float "
-            f"{labels[floats[0]]!r} (cast class ids to int; lmops has no regression task)"
+            f"{float(labels[floats[0]])} (cast class ids to int; lmops has no regression task)"
         )
-    others = labels.index[~labels.map(lambda v: isinstance(v, str | int) and not isinstance(v, bool))]
+    others = labels.index[
+        ~labels.map(lambda v: isinstance(v, str | int) and not isinstance(v, bool))
+    ]
     if len(others):
         value = labels[others[0]]
         raise DataError(
@@ -95,9 +97,7 @@ def _deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
     return consistent.reset_index(drop=True), duplicates, conflicting
 
 
-def _stratified_split(
-    frame: pd.DataFrame, cfg: DataConfig
-) -> dict[str, pd.DataFrame]:
+def _stratified_split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
     split = cfg.split
@@ -110,12 +110,16 @@ def _stratified_split(
         )
     try:
         rest, test = train_test_split(
-            frame, test_size=split.test_fraction, stratify=frame["label"],
+            frame,
+            test_size=split.test_fraction,
+            stratify=frame["label"],
             random_state=split.seed,
         )
         train, val = train_test_split(
-            rest, test_size=split.val_fraction / (1 - split.test_fraction),
-            stratify=rest["label"], random_state=split.seed,
+            rest,
+            test_size=split.val_fraction / (1 - split.test_fraction),
+            stratify=rest["label"],
+            random_state=split.seed,
         )
     except ValueError as err:
         raise DataError(f"data.source: cannot make a stratified split: {err}") from None
@@ -135,10 +139,12 @@ def content_sha256(frame: pd.DataFrame) -> str:
 
 def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFrame], dict]:
     raw = read_labelled(cfg.source, root)
-    frame = pd.DataFrame({
-        "text": _clean_texts(raw.frame["text"], "data.source", cfg),
-        "label": _clean_labels(raw.frame["label"], "data.source"),
-    })
+    frame = pd.DataFrame(
+        {
+            "text": _clean_texts(raw.frame["text"], "data.source", cfg),
+            "label": _clean_labels(raw.frame["label"], "data.source"),
+        }
+    )
     frame, duplicates, conflicting = _deduplicate(frame)
     classes = sorted(frame["label"].unique())
     if len(classes) < 2:
@@ -170,9 +176,7 @@ def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFram
     return splits, summary
 
 
-def corpus_dataset(
-    cfg: DataConfig, root: Path, eval_texts: set[str]
-) -> tuple[pd.DataFrame, dict]:
+def corpus_dataset(cfg: DataConfig, root: Path, eval_texts: set[str]) -> tuple[pd.DataFrame, dict]:
     raw = read_corpus(cfg.corpus, root)
     texts = _clean_texts(raw.frame["text"], "data.corpus", cfg)
     unique = texts.drop_duplicates()
@@ -207,7 +211,9 @@ def run(cfg: DataConfig, root: Path, out_dir: Path, metrics_path: Path) -> dict[
         "corpus": corpus_summary,
         "rows": {name: len(table) for name, table in tables.items()},
         "class_counts": {
-            name: {str(k): int(v) for k, v in splits[name]["label"].value_counts().sort_index().items()}
+            name: {
+                str(k): int(v) for k, v in splits[name]["label"].value_counts().sort_index().items()
+            }
             for name in SPLITS
         },
         "content_sha256": {name: content_sha256(table) for name, table in tables.items()},
@@ -216,13 +222,20 @@ def run(cfg: DataConfig, root: Path, out_dir: Path, metrics_path: Path) -> dict[
         for name, table in tables.items():
             table.to_parquet(scratch / f"{name}.parquet", index=False)
         write_json(scratch / "manifest.json", manifest)
-    write_json(metrics_path, {
-        "rows": manifest["rows"],
-        "dropped": {"labelled": labelled["dropped"], "corpus": corpus_summary["dropped"]},
-    })
+    write_json(
+        metrics_path,
+        {
+            "rows": manifest["rows"],
+            "dropped": {"labelled": labelled["dropped"], "corpus": corpus_summary["dropped"]},
+        },
+    )
     log.info(
         "ingest: read %s (%d rows) and %s (%d docs); wrote %s: %s",
-        cfg.source, labelled["rows_read"], cfg.corpus, corpus_summary["rows_read"],
-        out_dir, manifest["rows"],
+        cfg.source,
+        labelled["rows_read"],
+        cfg.corpus,
+        corpus_summary["rows_read"],
+        out_dir,
+        manifest["rows"],
     )
     return manifest

@@ -64,12 +64,16 @@ def build_suites(gx: Any, cfg: ValidationConfig, labels: list[str]) -> dict[str,
         for expectation in _text_expectations(gxe, cfg, getattr(cfg.min_rows, split)):
             suite.add_expectation(expectation)
         suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column="label"))
-        suite.add_expectation(gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=labels))
+        suite.add_expectation(
+            gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=labels)
+        )
         # "This class holds at least min_class_share of the rows", per class.
         for label in labels:
-            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(
-                column="label", value_set=[label], mostly=cfg.min_class_share
-            ))
+            suite.add_expectation(
+                gxe.ExpectColumnValuesToBeInSet(
+                    column="label", value_set=[label], mostly=cfg.min_class_share
+                )
+            )
         suites[split] = suite
     corpus = gx.ExpectationSuite(name="lmops_corpus")
     corpus.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=["text"], exact_match=True))
@@ -97,12 +101,17 @@ def _context(gx: Any, docs_dir: Path) -> Any:
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     for site in list(context.get_site_names()):
         context.delete_data_docs_site(site)
-    context.add_data_docs_site(site_name=DOCS_SITE, site_config={
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                          "base_directory": str(docs_dir)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
+    context.add_data_docs_site(
+        site_name=DOCS_SITE,
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
     return context
 
 
@@ -131,7 +140,8 @@ def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
     raised = result.exception_info.get("raised_exception")
     detail = (
         f"could not be evaluated: {result.exception_info.get('exception_message')}"
-        if raised else _offending_rows(result, frame)
+        if raised
+        else _offending_rows(result, frame)
     )
     return f"{batch}: {config.type} {kwargs} failed — {detail}"
 
@@ -143,7 +153,9 @@ def validate_tables(
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    labels = list(cfg.labels) if cfg.labels is not None else sorted(tables["train"]["label"].unique())
+    labels = (
+        list(cfg.labels) if cfg.labels is not None else sorted(tables["train"]["label"].unique())
+    )
     context = _context(gx, docs_dir)
     source = context.data_sources.add_pandas("lmops")
     failures: list[str] = []
@@ -152,15 +164,17 @@ def validate_tables(
     for batch, suite in build_suites(gx, cfg, labels).items():
         frame = _batches(tables)[batch]
         definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
-        validation = context.validation_definitions.add(gx.ValidationDefinition(
-            name=batch, data=definition, suite=context.suites.add(suite)
-        ))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"lmops_{batch}",
-            validation_definitions=[validation],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": show_rows},
-        ))
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=batch, data=definition, suite=context.suites.add(suite))
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"lmops_{batch}",
+                validation_definitions=[validation],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": show_rows},
+            )
+        )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         raw_results[batch] = outcome.describe_dict()
         results = [r for run in outcome.run_results.values() for r in run.results]
@@ -209,9 +223,12 @@ def run(
         shutil.rmtree(scratch_docs, ignore_errors=True)
     summary = {"success": True, "batches": stats}
     write_json(metrics_path, summary)
-    log.info("validate: %s passed; wrote %s and Data Docs %s",
-             ", ".join(f"{b} ({s['expectations']})" for b, s in stats.items()),
-             validated_dir, docs_dir / "index.html")
+    log.info(
+        "validate: %s passed; wrote %s and Data Docs %s",
+        ", ".join(f"{b} ({s['expectations']})" for b, s in stats.items()),
+        validated_dir,
+        docs_dir / "index.html",
+    )
     return summary
 
 

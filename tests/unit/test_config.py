@@ -65,7 +65,9 @@ def test_set_values_are_read_as_yaml() -> None:
 
 
 def test_overrides_are_written_keeping_comments(project: Path) -> None:
-    params, changed = apply_overrides(project, resolve_overrides(project, "tiny", ["data.split.seed=7"]))
+    params, changed = apply_overrides(
+        project, resolve_overrides(project, "tiny", ["data.split.seed=7"])
+    )
     assert params.data.split.seed == 7
     assert params.data.max_rows == 1500
     assert changed["data.split.seed"] == {"from": 0, "to": 7}

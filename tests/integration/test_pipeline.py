@@ -1,0 +1,118 @@
+"""The pipeline in a temporary git repo: `dvc repro` and the Prefect flow (against a real
+Prefect server) are interchangeable, and a failing validation keeps the last good data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lmops.config import apply_overrides, resolve_overrides
+from tests.conftest import copy_project, git, tool_env, tree_digest
+
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
+def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _lmops_run(root: Path, server: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmops", "run", *args],
+        cwd=root,
+        env=server["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    git(root, "init", "-q")
+    apply_overrides(root, resolve_overrides(root, "tiny", []))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project under test")
+    return root
+
+
+def test_dvc_repro_runs_both_stages_then_skips_them(project: Path) -> None:
+    first = _dvc(project, "repro")
+    assert "Running stage 'ingest'" in first.stdout
+    assert "Running stage 'validate'" in first.stdout
+    for name in ("train", "val", "test", "corpus"):
+        assert (project / "data" / "validated" / f"{name}.parquet").is_file()
+    assert (project / "reports" / "validation" / "index.html").is_file()
+    metrics = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
+    assert metrics  # DVC reads the metrics files the stages declared
+    assert UP_TO_DATE in _dvc(project, "status").stdout
+    again = _dvc(project, "repro")
+    assert "Stage 'ingest' didn't change, skipping" in again.stdout
+    assert "Stage 'validate' didn't change, skipping" in again.stdout
+
+
+def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
+    project: Path, prefect_server: dict[str, Any]
+) -> None:
+    result = _lmops_run(project, prefect_server, "--profile", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "ingest     up to date, skipped" in result.stdout
+    assert "validate   up to date, skipped" in result.stdout
+    assert "train 1,200 / val 150 / test 150" in result.stdout
+    assert UP_TO_DATE in _dvc(project, "status").stdout
+
+    response = httpx.post(
+        f"{prefect_server['api_url']}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["data-manifest"]}}},
+        timeout=30,
+    )
+    response.raise_for_status()
+    (artifact,) = response.json()
+    assert "| train | 1,200 |" in artifact["data"]
+    assert "reports/validation/index.html" in artifact["data"]
+    assert "skipped (up to date)" in artifact["data"]
+
+
+def test_repro_after_flow_does_no_work(project: Path, prefect_server: dict[str, Any]) -> None:
+    result = _lmops_run(project, prefect_server, "--set", "data.split.seed=1")
+    assert result.returncode == 0, result.stderr
+    assert "ingest     ran" in result.stdout
+    assert "validate   ran" in result.stdout
+    assert UP_TO_DATE in _dvc(project, "status").stdout
+    again = _dvc(project, "repro")
+    assert "Stage 'ingest' didn't change, skipping" in again.stdout
+    assert "Stage 'validate' didn't change, skipping" in again.stdout
+
+
+def test_failing_validation_quarantines_and_keeps_validated_data(
+    project: Path, prefect_server: dict[str, Any]
+) -> None:
+    validated_before = tree_digest(project / "data" / "validated")
+    result = _lmops_run(project, prefect_server, "--set", "validation.min_class_share=0.6")
+    assert result.returncode == 1
+    assert "error: stage validate failed" in result.stderr
+    assert "expect_column_values_to_be_in_set" in result.stderr
+    assert tree_digest(project / "data" / "validated") == validated_before
+    assert len(list((project / "data" / "quarantine").iterdir())) == 1
+
+    repro = _dvc(project, "repro", check=False)
+    assert repro.returncode != 0
+    assert tree_digest(project / "data" / "validated") == validated_before
+    assert len(list((project / "data" / "quarantine").iterdir())) == 2

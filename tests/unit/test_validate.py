@@ -1,0 +1,131 @@
+"""The Great Expectations suites: real data passes; each broken contract fails, is
+quarantined with GX's result, and leaves the last good validated data as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmops.errors import ValidationFailed
+from lmops.tasks import ingest, validate
+from tests.conftest import params_with, tree_digest
+
+TINY = {
+    "data__max_rows": 1500,
+    "data__corpus_max_docs": 300,
+    "validation__min_rows__train": 500,
+    "validation__min_rows__val": 50,
+    "validation__min_rows__test": 50,
+    "validation__min_rows__corpus": 100,
+}
+
+
+@pytest.fixture(scope="session")
+def ingested(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ingest")
+    ingest.run(params_with(repo_params_raw, **TINY).data, root, root / "ingested", root / "m.json")
+    return root / "ingested"
+
+
+def _run(repo_params_raw: dict, ingested_dir: Path, root: Path, **overrides: object) -> dict:
+    cfg = params_with(repo_params_raw, **{**TINY, **overrides}).validation
+    return validate.run(
+        cfg, ingested_dir, root / "validated", root / "docs", root / "quarantine", root / "v.json"
+    )
+
+
+def test_real_data_passes_and_publishes_data_docs(
+    repo_params_raw: dict, ingested: Path, tmp_path: Path
+) -> None:
+    summary = _run(repo_params_raw, ingested, tmp_path)
+    assert summary["success"]
+    assert set(summary["batches"]) == {"train", "val", "test", "corpus", "splits_disjoint"}
+    assert all(b["failed"] == 0 for b in summary["batches"].values())
+    assert summary["batches"]["train"]["expectations"] >= 10
+    assert (tmp_path / "docs" / "index.html").is_file()
+    assert list((tmp_path / "docs" / "validations").rglob("*.html"))
+    for name in ("train", "val", "test", "corpus"):
+        assert pd.read_parquet(tmp_path / "validated" / f"{name}.parquet").equals(
+            pd.read_parquet(ingested / f"{name}.parquet")
+        )
+    assert json.loads((tmp_path / "v.json").read_text("utf-8"))["success"] is True
+    assert not (tmp_path / "quarantine").exists()
+
+
+def _leak_test_text_into_train(tables: dict[str, pd.DataFrame]) -> None:
+    tables["train"].loc[0, "text"] = tables["test"].loc[0, "text"]
+
+
+def _replacement_character(tables: dict[str, pd.DataFrame]) -> None:
+    tables["val"].loc[3, "text"] = "乱码\ufffd文本"
+
+
+def _unbalanced(tables: dict[str, pd.DataFrame]) -> None:
+    train = tables["train"]
+    tables["train"] = pd.concat(
+        [train[train["label"] == "positive"], train[train["label"] == "negative"].head(40)]
+    )
+
+
+def _unknown_label(tables: dict[str, pd.DataFrame]) -> None:
+    tables["test"].loc[1, "label"] = "neutral"
+
+
+def _too_few_corpus_docs(tables: dict[str, pd.DataFrame]) -> None:
+    tables["corpus"] = tables["corpus"].head(10)
+
+
+def _blank_text(tables: dict[str, pd.DataFrame]) -> None:
+    tables["corpus"].loc[2, "text"] = "   "
+
+
+BROKEN: list[tuple[str, Callable[[dict[str, pd.DataFrame]], None], list[str]]] = [
+    (
+        "leakage",
+        _leak_test_text_into_train,
+        ["splits_disjoint: expect_column_values_to_be_unique", "[test]"],
+    ),
+    ("U+FFFD", _replacement_character, ["val: expect_column_values_to_not_match_regex", "乱码"]),
+    ("class balance", _unbalanced, ["train: expect_column_values_to_be_in_set", "'negative'"]),
+    ("label set", _unknown_label, ["test: expect_column_distinct_values_to_equal_set"]),
+    ("row count", _too_few_corpus_docs, ["corpus: expect_table_row_count_to_be_between"]),
+    ("blank text", _blank_text, ["corpus: expect_column_values_to_not_match_regex"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN]
+)
+def test_broken_contract_is_quarantined_and_keeps_last_good_data(
+    repo_params_raw: dict,
+    ingested: Path,
+    tmp_path: Path,
+    corrupt: Callable[[dict[str, pd.DataFrame]], None],
+    expected: list[str],
+) -> None:
+    _run(repo_params_raw, ingested, tmp_path)
+    good = {name: tree_digest(tmp_path / name) for name in ("validated", "docs")}
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(ingested, bad_dir)
+    tables = {t: pd.read_parquet(bad_dir / f"{t}.parquet") for t in validate.TABLES}
+    corrupt(tables)
+    for name, table in tables.items():
+        table.to_parquet(bad_dir / f"{name}.parquet", index=False)
+
+    with pytest.raises(ValidationFailed) as failure:
+        _run(repo_params_raw, bad_dir, tmp_path)
+
+    message = str(failure.value)
+    for fragment in expected:
+        assert fragment in message
+    assert {name: tree_digest(tmp_path / name) for name in ("validated", "docs")} == good
+    (quarantined,) = (tmp_path / "quarantine").iterdir()
+    assert tree_digest(quarantined / "batch") == tree_digest(bad_dir)
+    assert (quarantined / "data_docs" / "index.html").is_file()
+    gx_result = json.loads((quarantined / "gx_result.json").read_text("utf-8"))
+    assert any(not batch["success"] for batch in gx_result.values())
