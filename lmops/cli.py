@@ -81,7 +81,16 @@ def _print_summary(result: dict[str, Any]) -> None:
         "kept; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in corpus["dropped"].items())
     )
     typer.echo("  data       data/validated/ (manifest.json has counts and hashes)")
-    typer.echo(f"  report     {result['data_docs']}")
+    typer.echo(f"  validation {result['data_docs']}")
+    typer.echo("  model      models/finetuned/ (pretrained LM: models/pretrained/)")
+    typer.echo(f"  card       {result['model_card']}")
+    exported = result["export"]
+    refused = "".join(f"; {name} not published: {why}" for name, why in exported["refused"].items())
+    typer.echo(f"  onnx       models/onnx/ ({', '.join(exported['variants'])}{refused})")
+    typer.echo("  metrics    reports/metrics.json (dvc metrics show; dvc plots show)\n")
+    from lmops.flows.training import metrics_markdown
+
+    typer.echo(metrics_markdown(result["metrics"]))
 
 
 @app.command()
@@ -93,7 +102,8 @@ def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml."
 
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lmops").setLevel(logging.INFO)
     STAGES[name](load_params(Path.cwd()), Path.cwd())
 
 

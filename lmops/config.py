@@ -9,6 +9,7 @@ always tells the whole truth about a run. Profiles in `profiles/NAME.yaml` and
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from pathlib import Path
@@ -65,9 +66,98 @@ class ValidationConfig(_Strict):
     show_failed_rows: int = Field(ge=1)
 
 
+class TokenizerConfig(_Strict):
+    kind: Literal["wordpiece", "bpe"]
+    vocab_size: int = Field(ge=100)
+    min_frequency: int = Field(ge=1)
+    lowercase: bool
+
+
+class ModelConfig(_Strict):
+    architecture: Literal["bert", "gpt2"]
+    layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=8)
+    heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=8)
+    max_length: int = Field(ge=8)
+    dropout: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"model.heads ({self.heads}) must divide model.hidden_size ({self.hidden_size})"
+            )
+        return self
+
+
+class OptimConfig(_Strict):
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    schedule: Literal["linear", "cosine", "constant"]
+    warmup_fraction: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    precision: Literal["fp32", "bf16", "auto"]
+    seed: int
+
+
+class PretrainConfig(OptimConfig):
+    steps: int = Field(ge=1)
+    mask_probability: float = Field(gt=0, lt=1)
+    checkpoint_every: int = Field(ge=1)
+    eval_batches: int = Field(ge=1)
+
+
+class FinetuneConfig(OptimConfig):
+    epochs: int = Field(ge=1)
+    patience: int = Field(ge=0)
+    from_pretrained: bool
+
+
+class GatesConfig(_Strict):
+    min_accuracy: float = Field(ge=0, le=1)
+    min_margin_over_baseline: float = Field(ge=-1, le=1)
+    relax_baseline: bool
+
+
+class BaselineConfig(_Strict):
+    ngram_max: int = Field(ge=1)
+    min_df: int = Field(ge=1)
+    C: float = Field(gt=0)
+
+
+class EvaluateConfig(_Strict):
+    baseline: BaselineConfig
+    length_buckets: list[int] = Field(min_length=1)
+    calibration_bins: int = Field(ge=2)
+    ablation: bool
+    gates: GatesConfig
+
+
+class ParityConfig(_Strict):
+    max_abs_logit_diff: float = Field(gt=0)
+    min_label_agreement: float = Field(ge=0, le=1)
+    max_int8_accuracy_drop: float = Field(ge=0, le=1)
+    min_fp16_agreement: float = Field(ge=0, le=1)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(ge=14)
+    variants: list[Literal["int8", "fp16"]]
+    cpu_variant: Literal["fp32", "int8"]
+    parity_batch_size: int = Field(ge=1)
+    parity: ParityConfig
+
+
 class Params(_Strict):
     data: DataConfig
     validation: ValidationConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -131,6 +221,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def override(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of raw params with dotted-key overrides applied; an unknown key is an error."""
+    tree = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value, origin=key)
+    return tree
+
+
 def parse_set(expr: str) -> tuple[str, Any]:
     """`data.split.seed=3` -> ("data.split.seed", 3); the value is read as YAML."""
     key, sep, text = expr.partition("=")
@@ -168,13 +266,13 @@ def apply_overrides(root: Path, overrides: dict[str, Any]) -> tuple[Params, dict
     when the result would be invalid.
     """
     raw = read_raw(root)
-    changed: dict[str, Any] = {}
     flat_before = _flatten(raw)
-    for key, value in overrides.items():
-        _set_dotted(raw, key, value, origin=key)
-        if flat_before.get(key) != value:
-            changed[key] = {"from": flat_before.get(key), "to": value}
-    params = parse_params(raw)
+    params = parse_params(override(raw, overrides))
+    changed = {
+        key: {"from": flat_before.get(key), "to": value}
+        for key, value in overrides.items()
+        if flat_before.get(key) != value
+    }
     if changed:
         _write_round_trip(root / PARAMS_FILE, overrides)
     return params, changed

@@ -18,6 +18,20 @@ QUARANTINE_DIR = Path("data/quarantine")
 VALIDATION_DOCS_DIR = Path("reports/validation")
 INGEST_METRICS = Path("reports/ingest.json")
 VALIDATION_METRICS = Path("reports/validation.json")
+TOKENIZER_DIR = Path("models/tokenizer")
+TOKENIZER_METRICS = Path("reports/tokenizer.json")
+PRETRAINED_DIR = Path("models/pretrained")
+PRETRAIN_CHECKPOINTS = Path("models/checkpoints/pretrain")
+PRETRAIN_LIVE = Path("reports/dvclive/pretrain")
+PRETRAIN_METRICS = Path("reports/pretrain.json")
+FINETUNED_DIR = Path("models/finetuned")
+FINETUNE_LIVE = Path("reports/dvclive/finetune")
+FINETUNE_METRICS = Path("reports/finetune.json")
+METRICS = Path("reports/metrics.json")
+PLOTS_DIR = Path("reports/plots")
+MODEL_CARD = Path("reports/model_card.md")
+ONNX_DIR = Path("models/onnx")
+TRITON_DIR = Path("models/triton")
 
 
 def _ingest(params: Params, root: Path) -> Any:
@@ -39,8 +53,84 @@ def _validate(params: Params, root: Path) -> Any:
     )
 
 
+def _tokenizer(params: Params, root: Path) -> Any:
+    from lmops.tasks import tokenizer
+
+    return tokenizer.run(
+        params.tokenizer,
+        params.model,
+        root / VALIDATED_DIR,
+        root / TOKENIZER_DIR,
+        root / TOKENIZER_METRICS,
+    )
+
+
+def _pretrain(params: Params, root: Path) -> Any:
+    from lmops.tasks import pretrain
+
+    return pretrain.run(
+        params.pretrain,
+        params.model,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / PRETRAINED_DIR,
+        checkpoint_dir=root / PRETRAIN_CHECKPOINTS,
+        live_dir=root / PRETRAIN_LIVE,
+        metrics_path=root / PRETRAIN_METRICS,
+    )
+
+
+def _finetune(params: Params, root: Path) -> Any:
+    from lmops.tasks import finetune
+
+    return finetune.run(
+        params.finetune,
+        params.model,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        pretrained_dir=root / PRETRAINED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / FINETUNED_DIR,
+        live_dir=root / FINETUNE_LIVE,
+        metrics_path=root / FINETUNE_METRICS,
+    )
+
+
+def _evaluate(params: Params, root: Path) -> Any:
+    from lmops.tasks import evaluate
+
+    return evaluate.run(
+        params.evaluate,
+        params.finetune,
+        params.model,
+        finetuned_dir=root / FINETUNED_DIR,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        metrics_path=root / METRICS,
+        plots_dir=root / PLOTS_DIR,
+        model_card_path=root / MODEL_CARD,
+    )
+
+
+def _export(params: Params, root: Path) -> Any:
+    from lmops.tasks import export
+
+    return export.run(
+        params.export,
+        params.model,
+        finetuned_dir=root / FINETUNED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / ONNX_DIR,
+        triton_dir=root / TRITON_DIR,
+    )
+
+
 # In pipeline order.
 STAGES: dict[str, Callable[[Params, Path], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
+    "tokenizer": _tokenizer,
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "evaluate": _evaluate,
+    "export": _export,
 }

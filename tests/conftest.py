@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmops.config import Params, parse_params
+from lmops.config import Params, override, parse_params, profile_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
@@ -26,14 +25,7 @@ def repo_params_raw() -> dict[str, Any]:
 
 def params_with(raw: dict[str, Any], **dotted: Any) -> Params:
     """The repository's params with dotted-key overrides (`data__max_rows=100`)."""
-    tree = copy.deepcopy(raw)
-    for key, value in dotted.items():
-        *parents, leaf = key.split("__")
-        node = tree
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return parse_params(tree)
+    return parse_params(override(raw, {k.replace("__", "."): v for k, v in dotted.items()}))
 
 
 def tool_env(**extra: str) -> dict[str, str]:
@@ -127,3 +119,51 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+def tiny_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """The repository's params with the `tiny` profile applied."""
+    return override(raw, profile_overrides(REPO_ROOT, "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_validated(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Validated-shape tables from a real ingest of the tiny profile's sample."""
+    from lmops.tasks import ingest
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    params = parse_params(tiny_raw(repo_params_raw))
+    ingest.run(params.data, root, root / "validated", root / "ingest.json")
+    return root / "validated"
+
+
+def build_tiny_classifier(
+    raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert"
+) -> dict[str, Path]:
+    """Tokenizer, pretrained LM and fine-tuned classifier of the tiny profile, in `root`."""
+    from lmops.tasks import finetune, pretrain, tokenizer
+
+    params = params_with(tiny_raw(raw), model__architecture=architecture)
+    dirs = {name: root / name for name in ("tokenizer", "pretrained", "finetuned")}
+    tokenizer.run(params.tokenizer, params.model, validated, dirs["tokenizer"], root / "t.json")
+    pretrain.run(
+        params.pretrain,
+        params.model,
+        dirs["tokenizer"],
+        validated,
+        dirs["pretrained"],
+        root / "ckpt",
+        root / "live",
+        root / "p.json",
+    )
+    finetune.run(
+        params.finetune,
+        params.model,
+        dirs["tokenizer"],
+        dirs["pretrained"],
+        validated,
+        dirs["finetuned"],
+        root / "ft-live",
+        root / "ft.json",
+    )
+    return dirs

@@ -7,6 +7,7 @@ after either, `dvc status` is clean and the other does no work.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from lmops.config import apply_overrides, resolve_overrides
 from lmops.errors import LmopsError
-from lmops.stages import STAGES, VALIDATED_DIR, VALIDATION_DOCS_DIR
+from lmops.stages import (
+    METRICS,
+    MODEL_CARD,
+    ONNX_DIR,
+    STAGES,
+    VALIDATED_DIR,
+    VALIDATION_DOCS_DIR,
+)
 
 
 class StageFailed(LmopsError):
@@ -115,6 +123,39 @@ def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[
     return "\n".join(lines)
 
 
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """The test metrics beside the baseline, and the gates' verdict."""
+    model, baseline, gates = metrics["model"], metrics["baseline"], metrics["gates"]
+    beats = gates["beats_baseline"]
+    beats_word = (
+        "ok" if beats["passed"] else "relaxed by the profile" if beats["relaxed"] else "FAILED"
+    )
+    lines = [
+        "| test metric | model | TF-IDF + LR baseline |",
+        "|---|---:|---:|",
+        *(
+            f"| {key} | {model[key]:.4f} | {baseline[key]:.4f} |"
+            for key in ("accuracy", "macro_f1", "roc_auc", "ece")
+        ),
+        "",
+        f"Gates: **{'passed' if gates['passed'] else 'failed'}** — accuracy "
+        f"{gates['min_accuracy']['value']:.4f} (minimum {gates['min_accuracy']['threshold']}: "
+        f"{'ok' if gates['min_accuracy']['passed'] else 'FAILED'}); margin over the baseline "
+        f"{beats['margin']:+.4f} (needed {beats['threshold']:+.4f}: "
+        f"{beats_word})",
+    ]
+    if metrics.get("behavioural"):
+        lines += [
+            "",
+            "Behavioural checks (pass rates): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in metrics["behavioural"].items()),
+        ]
+    if "ablation_no_pretraining" in metrics:
+        gain = metrics["ablation_no_pretraining"]["pretraining_gain"]
+        lines += ["", f"Pretraining is worth {gain:+.4f} accuracy (ablation from random weights)."]
+    return "\n".join(lines)
+
+
 @flow(name="training", log_prints=True)
 def training(
     profile: str | None = None, overrides: list[str] | None = None, project_dir: str = "."
@@ -135,4 +176,20 @@ def training(
         markdown=_manifest_markdown(manifest, docs_index, stages),
         description="Row counts, drops and content hashes of the validated data",
     )
-    return {"stages": stages, "manifest": manifest, "data_docs": str(docs_index)}
+    metrics = json.loads((root / METRICS).read_text(encoding="utf-8"))
+    create_markdown_artifact(
+        key="evaluation",
+        markdown="# Evaluation\n\n"
+        + metrics_markdown(metrics)
+        + f"\n\nModel card: {(root / MODEL_CARD).as_uri()}",
+        description="Test metrics beside the baseline, and the gates' verdict",
+    )
+    export_manifest = json.loads((root / ONNX_DIR / "manifest.json").read_text(encoding="utf-8"))
+    return {
+        "export": export_manifest,
+        "stages": stages,
+        "manifest": manifest,
+        "data_docs": str(docs_index),
+        "metrics": metrics,
+        "model_card": str(root / MODEL_CARD),
+    }

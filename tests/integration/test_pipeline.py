@@ -1,5 +1,6 @@
-"""The pipeline in a temporary git repo: `dvc repro` and the Prefect flow (against a real
-Prefect server) are interchangeable, and a failing validation keeps the last good data."""
+"""The whole pipeline (tiny profile) in a temporary git repo: `dvc repro` and the Prefect
+flow (against a real Prefect server) are interchangeable, and a failing validation keeps
+the last good data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from lmops.config import apply_overrides, resolve_overrides
+from lmops.stages import STAGES
 from tests.conftest import copy_project, git, tool_env, tree_digest
 
 UP_TO_DATE = "Data and pipelines are up to date."
@@ -53,19 +55,32 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_dvc_repro_runs_both_stages_then_skips_them(project: Path) -> None:
+def _assert_all_skipped(output: str) -> None:
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in output
+
+
+def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
     first = _dvc(project, "repro")
-    assert "Running stage 'ingest'" in first.stdout
-    assert "Running stage 'validate'" in first.stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
     for name in ("train", "val", "test", "corpus"):
         assert (project / "data" / "validated" / f"{name}.parquet").is_file()
     assert (project / "reports" / "validation" / "index.html").is_file()
+    assert (project / "models" / "finetuned" / "model.safetensors").is_file()
+    assert (project / "reports" / "model_card.md").is_file()
     metrics = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
-    assert metrics  # DVC reads the metrics files the stages declared
+    workspace = metrics[""]["data"]  # DVC keys the workspace's metrics by ""
+    assert "accuracy" in workspace["reports/metrics.json"]["data"]["baseline"]
+    plots = json.loads(_dvc(project, "plots", "show", "--json").stdout)["data"]
+    assert {
+        "reports/plots/confusion.json",
+        "reports/plots/roc.json",
+        "Pretraining loss",
+        "Fine-tuning loss",
+    } <= set(plots)
     assert UP_TO_DATE in _dvc(project, "status").stdout
-    again = _dvc(project, "repro")
-    assert "Stage 'ingest' didn't change, skipping" in again.stdout
-    assert "Stage 'validate' didn't change, skipping" in again.stdout
+    _assert_all_skipped(_dvc(project, "repro").stdout)
 
 
 def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
@@ -73,8 +88,9 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
 ) -> None:
     result = _lmops_run(project, prefect_server, "--profile", "tiny")
     assert result.returncode == 0, result.stderr
-    assert "ingest     up to date, skipped" in result.stdout
-    assert "validate   up to date, skipped" in result.stdout
+    for stage in STAGES:
+        assert f"{stage:<10} up to date, skipped" in result.stdout
+    assert "TF-IDF + LR baseline" in result.stdout
     assert "train 1,200 / val 150 / test 150" in result.stdout
     assert UP_TO_DATE in _dvc(project, "status").stdout
 
@@ -88,17 +104,22 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
     assert "| train | 1,200 |" in artifact["data"]
     assert "reports/validation/index.html" in artifact["data"]
     assert "skipped (up to date)" in artifact["data"]
+    response = httpx.post(
+        f"{prefect_server['api_url']}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["evaluation"]}}},
+        timeout=30,
+    )
+    (evaluation,) = response.json()
+    assert "| accuracy |" in evaluation["data"] and "Gates:" in evaluation["data"]
 
 
 def test_repro_after_flow_does_no_work(project: Path, prefect_server: dict[str, Any]) -> None:
     result = _lmops_run(project, prefect_server, "--set", "data.split.seed=1")
     assert result.returncode == 0, result.stderr
-    assert "ingest     ran" in result.stdout
-    assert "validate   ran" in result.stdout
+    for stage in STAGES:
+        assert f"{stage:<10} ran" in result.stdout
     assert UP_TO_DATE in _dvc(project, "status").stdout
-    again = _dvc(project, "repro")
-    assert "Stage 'ingest' didn't change, skipping" in again.stdout
-    assert "Stage 'validate' didn't change, skipping" in again.stdout
+    _assert_all_skipped(_dvc(project, "repro").stdout)
 
 
 def test_failing_validation_quarantines_and_keeps_validated_data(

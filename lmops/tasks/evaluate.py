@@ -1,0 +1,310 @@
+"""Evaluate: the fine-tuned classifier on the test split, beside a TF-IDF + logistic
+regression baseline trained on the same train split in the same run.
+
+Writes `reports/metrics.json` (DVC metrics, with the gates' verdict), plot data for
+`dvc plots` (confusion matrix, ROC) and a markdown model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmops.atomic import write_json
+from lmops.batching import predict_proba
+from lmops.config import EvaluateConfig, FinetuneConfig, ModelConfig
+from lmops.modeling import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Behavioural checks (Made-With-ML's families) for the default sentiment labels.
+SENTIMENT_LABELS = ["negative", "positive"]
+INVARIANT_SUFFIXES = ["。", "!"]
+NEGATIVE_SUFFIX = "非常失望。"
+OBVIOUS_CASES = [
+    ("非常好，推荐购买！", "positive"),
+    ("质量很好，很满意。", "positive"),
+    ("这本书写得太精彩了", "positive"),
+    ("太差了，非常失望。", "negative"),
+    ("质量很差，不推荐。", "negative"),
+    ("浪费钱，后悔买了", "negative"),
+]
+
+
+def baseline_proba(
+    cfg: EvaluateConfig, train: pd.DataFrame, texts: list[str], labels: list[str]
+) -> np.ndarray:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    pipeline = make_pipeline(
+        TfidfVectorizer(
+            analyzer="char",
+            ngram_range=(1, cfg.baseline.ngram_max),
+            sublinear_tf=True,
+            min_df=cfg.baseline.min_df,
+        ),
+        LogisticRegression(C=cfg.baseline.C, max_iter=2000),
+    )
+    pipeline.fit(train["text"], train["label"])
+    order = [list(pipeline.classes_).index(name) for name in labels]
+    return pipeline.predict_proba(texts)[:, order]
+
+
+def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            gap = (predicted[inside] == targets[inside]).mean() - confidence[inside].mean()
+            error += inside.mean() * abs(gap)
+    return float(error)
+
+
+def _slice_names(buckets: list[int]) -> list[str]:
+    lows = [1, *(b + 1 for b in buckets)]
+    return [f"{low}-{high}" for low, high in zip(lows, buckets, strict=False)] + [f">{buckets[-1]}"]
+
+
+def length_slice(lengths: np.ndarray, buckets: list[int]) -> np.ndarray:
+    return np.searchsorted(np.array(sorted(buckets)), lengths, side="left")
+
+
+def classification_metrics(
+    targets: np.ndarray, probs: np.ndarray, cfg: EvaluateConfig, lengths: np.ndarray
+) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    predicted = probs.argmax(1)
+    if probs.shape[1] == 2:
+        auc = roc_auc_score(targets, probs[:, 1])
+    else:
+        auc = roc_auc_score(targets, probs, multi_class="ovr", average="macro")
+    slices = {}
+    slice_of = length_slice(lengths, cfg.length_buckets)
+    for index, name in enumerate(_slice_names(sorted(cfg.length_buckets))):
+        inside = slice_of == index
+        slices[name] = {
+            "n": int(inside.sum()),
+            "accuracy": round(float((predicted[inside] == targets[inside]).mean()), 5)
+            if inside.any()
+            else None,
+        }
+    return {
+        "accuracy": round(float(accuracy_score(targets, predicted)), 5),
+        "macro_f1": round(float(f1_score(targets, predicted, average="macro")), 5),
+        "roc_auc": round(float(auc), 5),
+        "ece": round(expected_calibration_error(targets, probs, cfg.calibration_bins), 5),
+        "slices_by_chars": slices,
+    }
+
+
+def behavioural_checks(predict: Any, texts: list[str], labels: list[str]) -> dict[str, Any] | None:
+    """Invariance, directional and minimum-functionality pass rates; sentiment data only."""
+    if labels != SENTIMENT_LABELS:
+        return None
+    positive = labels.index("positive")
+    base = predict(texts)
+    invariant = np.mean(
+        [
+            (predict([t + s for t in texts]).argmax(1) == base.argmax(1)).mean()
+            for s in INVARIANT_SUFFIXES
+        ]
+    )
+    negated = predict([t + NEGATIVE_SUFFIX for t in texts])
+    directional = (negated[:, positive] <= base[:, positive] + 1e-6).mean()
+    obvious = predict([t for t, _ in OBVIOUS_CASES]).argmax(1)
+    minimum = np.mean(
+        [labels[p] == want for p, (_, want) in zip(obvious, OBVIOUS_CASES, strict=True)]
+    )
+    return {
+        "invariance_punctuation": round(float(invariant), 4),
+        "directional_negative_suffix": round(float(directional), 4),
+        "minimum_functionality": round(float(minimum), 4),
+    }
+
+
+def gates_verdict(cfg: EvaluateConfig, model: dict[str, Any], baseline: dict[str, Any]) -> dict:
+    gates = cfg.gates
+    margin = model["accuracy"] - baseline["accuracy"]
+    accuracy_ok = model["accuracy"] >= gates.min_accuracy
+    baseline_ok = margin >= gates.min_margin_over_baseline
+    verdict = {
+        "min_accuracy": {
+            "threshold": gates.min_accuracy,
+            "value": model["accuracy"],
+            "passed": accuracy_ok,
+        },
+        "beats_baseline": {
+            "threshold": gates.min_margin_over_baseline,
+            "margin": round(margin, 5),
+            "passed": baseline_ok,
+            "relaxed": gates.relax_baseline,
+        },
+    }
+    verdict["passed"] = accuracy_ok and (baseline_ok or gates.relax_baseline)
+    return verdict
+
+
+def _roc_rows(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -> list[dict]:
+    from sklearn.metrics import roc_curve
+
+    classes = [1] if len(labels) == 2 else range(len(labels))
+    rows = []
+    for index in classes:
+        fpr, tpr, _ = roc_curve(targets == index, probs[:, index])
+        step = max(1, len(fpr) // 200)  # a readable curve, not every threshold
+        keep = sorted(set(range(0, len(fpr), step)) | {len(fpr) - 1})
+        rows += [
+            {"class": labels[index], "fpr": round(float(fpr[i]), 5), "tpr": round(float(tpr[i]), 5)}
+            for i in keep
+        ]
+    return rows
+
+
+def _model_card(
+    metrics: dict[str, Any],
+    manifest: dict[str, Any],
+    model_cfg: ModelConfig,
+    labels: list[str],
+    pretrained: bool,
+) -> str:
+    m, b, gates = metrics["model"], metrics["baseline"], metrics["gates"]
+    rows = [
+        f"| {key} | {m[key]:.4f} | {b[key]:.4f} |"
+        for key in ("accuracy", "macro_f1", "roc_auc", "ece")
+    ]
+    relaxed = gates["beats_baseline"]["relaxed"] and not gates["beats_baseline"]["passed"]
+    lines = [
+        "# Model card",
+        "",
+        f"A {model_cfg.architecture.upper()} classifier ({model_cfg.layers} layers, hidden "
+        f"{model_cfg.hidden_size}, {model_cfg.heads} heads, {model_cfg.max_length} tokens), "
+        + (
+            "pretrained from scratch on the corpus and training texts, then fine-tuned."
+            if pretrained
+            else "fine-tuned from random weights (no pretraining)."
+        ),
+        "",
+        "## Data",
+        f"- labelled: `{manifest['labelled']['spec']}`; labels {', '.join(labels)}; "
+        f"train {manifest['rows']['train']:,} / val {manifest['rows']['val']:,} / "
+        f"test {manifest['rows']['test']:,}",
+        f"- corpus: `{manifest['corpus']['spec']}`, {manifest['rows']['corpus']:,} documents",
+        "",
+        "## Test metrics",
+        "| metric | model | TF-IDF + LR baseline |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+        f"Gates: {'PASSED' if gates['passed'] else 'FAILED'} — accuracy "
+        f"{m['accuracy']:.4f} vs minimum {gates['min_accuracy']['threshold']}; margin over "
+        f"the baseline {gates['beats_baseline']['margin']:+.4f} (needed "
+        f"{gates['beats_baseline']['threshold']:+.4f})"
+        + (
+            " — **the baseline gate was relaxed by this profile: the model does not beat the "
+            "baseline**"
+            if relaxed
+            else ""
+        )
+        + ".",
+        "",
+        "## Limits",
+        "- Trained only on the data above; accuracy on other domains (e.g. news, other "
+        "product types) is unknown and should be monitored.",
+        "- Texts longer than the model's sequence length are truncated.",
+        "- See `reports/metrics.json` for slices by length and behavioural checks.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    cfg: EvaluateConfig,
+    finetune_cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    finetuned_dir: Path,
+    tokenizer_dir: Path,
+    validated_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    model_card_path: Path,
+) -> dict[str, Any]:
+    from transformers import AutoModelForSequenceClassification
+
+    from lmops.tasks.validate import read_manifest
+
+    started = time.perf_counter()
+    train = pd.read_parquet(validated_dir / "train.parquet")
+    val = pd.read_parquet(validated_dir / "val.parquet")
+    test = pd.read_parquet(validated_dir / "test.parquet")
+    model = AutoModelForSequenceClassification.from_pretrained(str(finetuned_dir))
+    tokenizer = load_tokenizer(finetuned_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    texts = test["text"].tolist()
+    targets = test["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
+    lengths = test["text"].str.len().to_numpy()
+
+    def predict(batch_texts: list[str]) -> np.ndarray:
+        return predict_proba(model, tokenizer, batch_texts, model_cfg.max_length)
+
+    probs = predict(texts)
+    model_metrics = classification_metrics(targets, probs, cfg, lengths)
+    baseline_probs = baseline_proba(cfg, train, texts, labels)
+    baseline_metrics = classification_metrics(targets, baseline_probs, cfg, lengths)
+    metrics: dict[str, Any] = {
+        "test_rows": len(test),
+        "labels": labels,
+        "model": model_metrics,
+        "baseline": baseline_metrics,
+        "behavioural": behavioural_checks(predict, texts, labels),
+        "gates": gates_verdict(cfg, model_metrics, baseline_metrics),
+    }
+    if cfg.ablation:
+        from lmops.tasks.finetune import train_classifier
+
+        scratch_model, _ = train_classifier(
+            finetune_cfg, model_cfg, load_tokenizer(tokenizer_dir), labels, train, val, None, None
+        )
+        scratch = classification_metrics(
+            targets,
+            predict_proba(scratch_model, tokenizer, texts, model_cfg.max_length),
+            cfg,
+            lengths,
+        )
+        metrics["ablation_no_pretraining"] = {
+            **scratch,
+            "pretraining_gain": round(model_metrics["accuracy"] - scratch["accuracy"], 5),
+        }
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+
+    predicted = probs.argmax(1)
+    write_json(
+        plots_dir / "confusion.json",
+        [
+            {"actual": labels[t], "predicted": labels[p]}
+            for t, p in zip(targets, predicted, strict=True)
+        ],
+    )
+    write_json(plots_dir / "roc.json", _roc_rows(targets, probs, labels))
+    model_card_path.write_text(
+        _model_card(
+            metrics, read_manifest(validated_dir), model_cfg, labels, finetune_cfg.from_pretrained
+        ),
+        encoding="utf-8",
+    )
+    write_json(metrics_path, metrics)
+    log.info(
+        "evaluate: model accuracy %.4f, baseline %.4f, gates %s",
+        model_metrics["accuracy"],
+        baseline_metrics["accuracy"],
+        "passed" if metrics["gates"]["passed"] else "failed",
+    )
+    return metrics

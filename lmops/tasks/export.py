@@ -1,0 +1,303 @@
+"""Export: the fine-tuned classifier to ONNX, with variants that must pass parity checks
+on the whole test split before they are published.
+
+Outputs per text: `logits`, and the pooled sentence `embedding` the drift monitor uses.
+`model.onnx` (fp32) must match PyTorch; `model.int8.onnx` (dynamic quantisation, for CPU)
+must keep accuracy; `model.fp16.onnx` (fused, then fp16, for CUDA) must agree with fp32 on
+labels — checked only where ONNX Runtime really runs on CUDA, since an unverified variant
+is never published. A Triton model repository is written beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmops.atomic import atomic_dir, write_json
+from lmops.batching import collate, encode, length_bucketed
+from lmops.config import ExportConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+INPUTS = ["input_ids", "attention_mask"]
+OUTPUTS = ["logits", "embedding"]
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+
+
+def _with_embedding(model: Any) -> Any:
+    """The classifier, returning its pooled representation beside the logits."""
+    import torch
+
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+            if model.config.model_type == "bert":
+                pooled = model.bert(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).pooler_output
+                return model.classifier(pooled), pooled
+            hidden = model.transformer(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )[0]
+            last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
+            pooled = hidden[torch.arange(hidden.shape[0]), last]
+            return model.score(pooled), pooled
+
+    return WithEmbedding().eval()
+
+
+def export_fp32(model: Any, path: Path, opset: int) -> None:
+    import torch
+
+    example = {
+        "input_ids": torch.ones((2, 8), dtype=torch.long),
+        "attention_mask": torch.ones((2, 8), dtype=torch.long),
+    }
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+    axes.update({name: {0: "batch"} for name in OUTPUTS})
+    torch.onnx.export(
+        _with_embedding(model),
+        (example["input_ids"], example["attention_mask"]),
+        str(path),
+        input_names=INPUTS,
+        output_names=OUTPUTS,
+        dynamic_axes=axes,
+        opset_version=opset,
+        dynamo=False,
+    )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+def fuse_fp16(source: Path, target: Path, model_cfg: ModelConfig) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(
+        str(source),
+        model_type="bert" if model_cfg.architecture == "bert" else "gpt2",
+        num_heads=model_cfg.heads,
+        hidden_size=model_cfg.hidden_size,
+    )
+    optimized.convert_float_to_float16(keep_io_types=True)
+    optimized.save_model_to_file(str(target))
+
+
+def session(path: Path, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the CUDA fallback is read from get_providers(), not logs
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run_batches(predict: Any, ids: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
+    """Logits for every text, in order, computed in length-bucketed batches."""
+    logits: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
+    for batch in length_bucketed([len(s) for s in ids], batch_size, seed=None):
+        inputs = collate([ids[i] for i in batch], pad_id)
+        for row, index in enumerate(batch):
+            logits[index] = predict({k: v.numpy() for k, v in inputs.items()})[row]
+    return np.stack(logits)
+
+
+def _torch_logits(model: Any) -> Any:
+    import torch
+
+    def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+            return model(**tensors).logits.float().numpy()
+
+    return predict
+
+
+def _ort_logits(ort_session: Any) -> Any:
+    def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return ort_session.run(["logits"], inputs)[0].astype(np.float32)
+
+    return predict
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _triton_config(name: str, model_cfg: ModelConfig, num_labels: int, max_batch: int) -> str:
+    inputs = "\n".join(
+        f'  {{ name: "{n}" data_type: TYPE_INT64 dims: [ -1 ] }},' for n in INPUTS
+    ).rstrip(",")
+    return f"""name: "{name}"
+backend: "onnxruntime"
+max_batch_size: {max_batch}
+input [
+{inputs}
+]
+output [
+  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_labels} ] label_filename: "labels.txt" }},
+  {{ name: "embedding" data_type: TYPE_FP32 dims: [ {model_cfg.hidden_size} ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+"""
+
+
+def run(
+    cfg: ExportConfig,
+    model_cfg: ModelConfig,
+    finetuned_dir: Path,
+    validated_dir: Path,
+    out_dir: Path,
+    triton_dir: Path,
+) -> dict[str, Any]:
+    from transformers import AutoModelForSequenceClassification
+
+    from lmops.modeling import load_tokenizer
+
+    # Eager attention: with SDPA the optimizer cannot fuse attention (STACK.md).
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(finetuned_dir), attn_implementation="eager"
+    ).eval()
+    tokenizer = load_tokenizer(finetuned_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    test = pd.read_parquet(validated_dir / "test.parquet")
+    targets = test["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
+    ids = encode(tokenizer, test["text"].tolist(), model_cfg.max_length)
+
+    def logits_of(predict: Any) -> np.ndarray:
+        return run_batches(predict, ids, tokenizer.pad_token_id, cfg.parity_batch_size)
+
+    reference = logits_of(_torch_logits(model))
+    published: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    with atomic_dir(out_dir) as scratch:
+        fp32_path = scratch / VARIANT_FILES["fp32"]
+        export_fp32(model, fp32_path, cfg.opset)
+        fp32 = logits_of(_ort_logits(session(fp32_path, ["CPUExecutionProvider"])))
+        fp32_accuracy = float((fp32.argmax(1) == targets).mean())
+        parity = {
+            "max_abs_logit_diff_vs_torch": float(np.abs(fp32 - reference).max()),
+            "label_agreement_vs_torch": float((fp32.argmax(1) == reference.argmax(1)).mean()),
+            "accuracy": fp32_accuracy,
+        }
+        fp32_ok = (
+            parity["max_abs_logit_diff_vs_torch"] <= cfg.parity.max_abs_logit_diff
+            and parity["label_agreement_vs_torch"] >= cfg.parity.min_label_agreement
+        )
+        if not fp32_ok:
+            from lmops.errors import LmopsError
+
+            raise LmopsError(
+                f"export: fp32 ONNX fails parity with PyTorch on the test split: "
+                f"{parity} (limits: export.parity)"
+            )
+        published["fp32"] = parity
+
+        if "int8" in cfg.variants:
+            int8_path = scratch / VARIANT_FILES["int8"]
+            quantize_int8(fp32_path, int8_path)
+            int8 = logits_of(_ort_logits(session(int8_path, ["CPUExecutionProvider"])))
+            check = {
+                "accuracy": float((int8.argmax(1) == targets).mean()),
+                "label_agreement_vs_fp32": float((int8.argmax(1) == fp32.argmax(1)).mean()),
+                "max_abs_logit_diff_vs_fp32": float(np.abs(int8 - fp32).max()),
+            }
+            drop = fp32_accuracy - check["accuracy"]
+            if drop <= cfg.parity.max_int8_accuracy_drop:
+                published["int8"] = check
+            else:
+                refused["int8"] = (
+                    f"accuracy {check['accuracy']:.4f} is {drop:.4f} below fp32, "
+                    f"over export.parity.max_int8_accuracy_drop"
+                )
+                int8_path.unlink()
+
+        if "fp16" in cfg.variants:
+            fp16_path = scratch / VARIANT_FILES["fp16"]
+            fuse_fp16(fp32_path, fp16_path, model_cfg)
+            cuda = session(fp16_path, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if "CUDAExecutionProvider" not in cuda.get_providers():
+                refused["fp16"] = (
+                    "not verified: ONNX Runtime has no working CUDA provider "
+                    f"here (providers in use: {cuda.get_providers()})"
+                )
+                fp16_path.unlink()
+            else:
+                fp16 = logits_of(_ort_logits(cuda))
+                agreement = float((fp16.argmax(1) == fp32.argmax(1)).mean())
+                check = {
+                    "label_agreement_vs_fp32": agreement,
+                    "accuracy": float((fp16.argmax(1) == targets).mean()),
+                }
+                if agreement >= cfg.parity.min_fp16_agreement:
+                    published["fp16"] = check
+                else:
+                    refused["fp16"] = (
+                        f"label agreement with fp32 {agreement:.4f} is under "
+                        "export.parity.min_fp16_agreement"
+                    )
+                    fp16_path.unlink()
+
+        tokenizer.save_pretrained(str(scratch / "tokenizer"))
+        manifest = {
+            "opset": cfg.opset,
+            "architecture": model_cfg.architecture,
+            "max_length": model_cfg.max_length,
+            "labels": labels,
+            "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUTS},
+            "outputs": {
+                "logits": {"dtype": "float32", "shape": ["batch", len(labels)]},
+                "embedding": {"dtype": "float32", "shape": ["batch", model_cfg.hidden_size]},
+            },
+            "tokenizer": "tokenizer/",
+            "test_rows": len(test),
+            "torch_accuracy": float((reference.argmax(1) == targets).mean()),
+            "variants": {
+                name: {
+                    "file": VARIANT_FILES[name],
+                    "sha256": _sha256(scratch / VARIANT_FILES[name]),
+                    "parity": figures,
+                }
+                for name, figures in published.items()
+            },
+            "refused": refused,
+            "recommended": {
+                "CUDAExecutionProvider": "fp16" if "fp16" in published else "fp32",
+                "CPUExecutionProvider": cfg.cpu_variant if cfg.cpu_variant in published else "fp32",
+            },
+        }
+        write_json(scratch / "manifest.json", manifest)
+        fp32_sha = manifest["variants"]["fp32"]["sha256"]
+
+    with atomic_dir(triton_dir) as scratch:
+        model_dir = scratch / "lmops"
+        (model_dir / "1").mkdir(parents=True)
+        shutil.copy2(out_dir / VARIANT_FILES["fp32"], model_dir / "1" / "model.onnx")
+        (model_dir / "config.pbtxt").write_text(
+            _triton_config("lmops", model_cfg, len(labels), cfg.parity_batch_size), "utf-8"
+        )
+        (model_dir / "labels.txt").write_text("\n".join(labels) + "\n", "utf-8")
+    for name, reason in refused.items():
+        log.warning("export: %s variant not published: %s", name, reason)
+    log.info(
+        "export: wrote %s (%s; fp32 sha256 %s) and the Triton repository %s",
+        out_dir,
+        ", ".join(published),
+        fp32_sha[:12],
+        triton_dir,
+    )
+    return manifest

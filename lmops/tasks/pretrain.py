@@ -1,0 +1,281 @@
+"""Pretrain: a transformer language model from scratch on the corpus plus the training
+split — masked-LM for encoders (BERT), causal-LM for decoders (GPT-2).
+
+One linear loop: packed sequences, AdamW with warm-up, checkpoints every N steps. A
+restarted run finds the last checkpoint whose fingerprint matches this run's params,
+tokenizer and data, and continues from its step; nothing else ever resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmops.atomic import atomic_dir, write_json
+from lmops.config import ModelConfig, PretrainConfig
+from lmops.errors import DataError
+from lmops.modeling import count_parameters, language_model, load_tokenizer
+from lmops.trainloop import (
+    accelerator_for,
+    flops_per_token,
+    live_logger,
+    optimizer_and_schedule,
+    peak_flops,
+    perplexity,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+
+def pack(tokenizer: Any, texts: list[str], seq_len: int) -> Any:
+    """Concatenate documents separated by [SEP] and cut them into `[CLS] … [SEP]` rows."""
+    import torch
+
+    body = seq_len - 2
+    # The backend directly: documents are longer than a sequence on purpose here.
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stream = [token for doc in ids for token in (*doc, tokenizer.sep_token_id)]
+    rows = len(stream) // body
+    if rows == 0:
+        return torch.empty((0, seq_len), dtype=torch.long)
+    chunks = torch.tensor(stream[: rows * body], dtype=torch.long).view(rows, body)
+    cls = torch.full((rows, 1), tokenizer.cls_token_id, dtype=torch.long)
+    sep = torch.full((rows, 1), tokenizer.sep_token_id, dtype=torch.long)
+    return torch.cat([cls, chunks, sep], dim=1)
+
+
+def _collator(tokenizer: Any, architecture: str, mask_probability: float) -> Any:
+    from transformers import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(
+        tokenizer,
+        mlm=architecture == "bert",
+        mlm_probability=mask_probability,
+        return_tensors="pt",
+    )
+
+
+def _fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _dir_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    """`checkpoint_dir/step-N/` written atomically; only the newest is kept."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = []
+        for state in self.directory.glob("step-*/lmops_state.json"):
+            meta = json.loads(state.read_text(encoding="utf-8"))
+            if meta.get("fingerprint") == self.fingerprint:
+                found.append((meta["step"], state.parent))
+        return max(found) if found else None
+
+    def save(self, accelerator: Any, step: int) -> None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"step-{step}"
+        scratch = self.directory / f".step-{step}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        accelerator.save_state(str(scratch))
+        write_json(scratch / "lmops_state.json", {"step": step, "fingerprint": self.fingerprint})
+        os.replace(scratch, target)
+        for old in self.directory.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _batch_indices(step: int, batch: int, rows: int, seed: int, rank: int, world: int) -> Any:
+    """Rows for this process at `step`: a fresh seeded permutation each pass over the data,
+    so a resumed run draws exactly the batches the killed run would have drawn."""
+    import torch
+
+    per_step = batch * world
+    steps_per_pass = rows // per_step
+    pass_index, offset = divmod(step, steps_per_pass)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed + pass_index))
+    start = offset * per_step + rank * batch
+    return order[start : start + batch]
+
+
+def evaluate_loss(model: Any, rows: Any, collator: Any, cfg: PretrainConfig, device: Any) -> float:
+    """Mean LM loss over the first `eval_batches` validation batches, with fixed masking."""
+    import torch
+
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        for start in range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
+            batch = collator([{"input_ids": r} for r in rows[start : start + cfg.batch_size]])
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            losses.append(out.loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    tokenizer_dir: Path,
+    validated_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    metrics_path: Path,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = [
+        t
+        for table in ("corpus", "train")
+        for t in pd.read_parquet(validated_dir / f"{table}.parquet")["text"]
+    ]
+    train_rows = pack(tokenizer, texts, model_cfg.max_length)
+    val_rows = pack(
+        tokenizer,
+        pd.read_parquet(validated_dir / "val.parquet")["text"].tolist(),
+        model_cfg.max_length,
+    )
+
+    accelerator = accelerator_for(cfg)
+    world = accelerator.num_processes
+    if len(train_rows) < cfg.batch_size * world:
+        raise DataError(
+            f"pretrain: the corpus + train split pack into {len(train_rows)} sequences of "
+            f"model.max_length={model_cfg.max_length} tokens, fewer than one batch "
+            f"(pretrain.batch_size={cfg.batch_size} x {world} process(es)); add text or "
+            "lower them"
+        )
+    if len(val_rows) == 0:
+        raise DataError(
+            f"pretrain: the val split is shorter than one sequence of "
+            f"model.max_length={model_cfg.max_length} tokens; perplexity cannot be measured"
+        )
+
+    seed_everything(cfg.seed)
+    model = language_model(model_cfg, tokenizer)
+    n_params = count_parameters(model)
+    optimizer, schedule = optimizer_and_schedule(model, cfg, cfg.steps)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    collator = _collator(tokenizer, model_cfg.architecture, cfg.mask_probability)
+
+    checkpoints = Checkpoints(
+        checkpoint_dir,
+        _fingerprint(
+            cfg.model_dump(),
+            model_cfg.model_dump(),
+            _dir_digest(tokenizer_dir),
+            len(train_rows),
+            int(train_rows[:64].sum()),
+            world,
+        ),
+    )
+    start_step = 0
+    if (latest := checkpoints.latest()) is not None:
+        start_step, state_dir = latest
+        accelerator.load_state(str(state_dir))
+        log.info("pretrain: resuming from the checkpoint at step %d (%s)", start_step, state_dir)
+    live = live_logger(live_dir, resume=start_step > 0) if accelerator.is_main_process else None
+    if live is not None:
+        # The curve goes on from the checkpoint's step; steps logged after it are replayed.
+        live.step = start_step
+
+    tokens_per_step = cfg.batch_size * world * model_cfg.max_length
+    flops_token = flops_per_token(
+        n_params, model_cfg.layers, model_cfg.hidden_size, model_cfg.max_length
+    )
+    peak = peak_flops(accelerator)
+    model.train()
+    started = time.perf_counter()
+    progress = tqdm(
+        range(start_step, cfg.steps),
+        initial=start_step,
+        total=cfg.steps,
+        desc="pretrain",
+        disable=not accelerator.is_local_main_process,
+    )
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in progress:
+        rows = train_rows[
+            _batch_indices(
+                step, cfg.batch_size, len(train_rows), cfg.seed, accelerator.process_index, world
+            )
+        ]
+        batch = collator([{"input_ids": r} for r in rows])
+        loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += tokens_per_step
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+        progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if live is not None:
+            live.log_metric("train/loss", loss.item())
+            live.log_metric("train/perplexity", perplexity(loss.item()))
+            live.log_metric("train/learning_rate", schedule.get_last_lr()[0])
+            live.log_metric("train/tokens_per_s", tokens_per_s)
+            if peak:
+                live.log_metric("train/mfu", tokens_per_s * flops_token / peak)
+            live.next_step()
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoints.save(accelerator, step + 1)
+    seconds = time.perf_counter() - started
+    trained_steps = cfg.steps - start_step
+
+    unwrapped = accelerator.unwrap_model(model)
+    val_loss = evaluate_loss(unwrapped, val_rows, collator, cfg, accelerator.device)
+    tokens_per_s = trained_steps * tokens_per_step / seconds if seconds > 0 else 0.0
+    metrics = {
+        "objective": "masked-lm" if model_cfg.architecture == "bert" else "causal-lm",
+        "parameters": n_params,
+        "steps": cfg.steps,
+        "resumed_from_step": start_step,
+        "val_loss": round(val_loss, 5),
+        "val_perplexity": round(perplexity(val_loss), 4),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "train_tokens": cfg.steps * tokens_per_step,
+        "seconds": round(seconds, 2),
+        "device": str(accelerator.device),
+        "precision": accelerator.mixed_precision,
+    }
+    if peak:
+        metrics["mfu"] = round(tokens_per_s * flops_token / peak, 4)
+    if accelerator.is_main_process:
+        with atomic_dir(out_dir) as scratch:
+            unwrapped.save_pretrained(str(scratch), safe_serialization=True)
+        write_json(metrics_path, metrics)
+        live.end()
+        checkpoints.clear()
+    log.info("pretrain: %s", metrics)
+    return metrics

@@ -1,0 +1,93 @@
+"""What pretraining and fine-tuning share: device and precision, optimiser and schedule,
+seeding, metrics logging, and the FLOPs bookkeeping behind tokens/s and MFU.
+
+Device placement and data parallelism come from Hugging Face Accelerate, so the same
+stage code runs on a CPU, one GPU, or several under `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lmops.config import OptimConfig
+
+
+def accelerator_for(cfg: OptimConfig) -> Any:
+    import torch
+    from accelerate import Accelerator
+
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def optimizer_and_schedule(model: Any, cfg: OptimConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW without decay on biases and norms; warm-up then the configured decay."""
+    import torch
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    on_gpu = next(model.parameters()).is_cuda or torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.learning_rate,
+        fused=on_gpu,
+    )
+    schedule = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_fraction * total_steps),
+        num_training_steps=total_steps,
+    )
+    return optimizer, schedule
+
+
+def live_logger(directory: Path, resume: bool) -> Any:
+    """DVCLive that neither rewrites dvc.yaml nor creates experiments (dvc.yaml declares
+    its outputs), so `dvc status` stays clean."""
+    from dvclive import Live
+
+    return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention (nanoGPT/PaLM estimate)."""
+    return 6 * n_params + 12 * layers * hidden * seq_len
+
+
+def peak_flops(accelerator: Any) -> float | None:
+    """Dense peak of the device for MFU, where known (bf16 tensor cores on NVIDIA GPUs)."""
+    import torch
+
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    for marker, peak in (
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("A100", 312e12),
+        ("L4", 121e12),
+        ("A10", 125e12),
+    ):
+        if marker in name:
+            return peak
+    return None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

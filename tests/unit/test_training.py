@@ -1,0 +1,258 @@
+"""Tokenizer, pretraining, fine-tuning and evaluation on a tiny model and real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmops.config import Params, parse_params
+from lmops.errors import ConfigError, DataError
+from lmops.tasks import evaluate, finetune, pretrain, tokenizer
+from tests.conftest import REPO_ROOT, params_with, tiny_raw, tool_env
+
+
+def tiny(repo_params_raw: dict, **dotted: Any) -> Params:
+    return params_with(tiny_raw(repo_params_raw), **dotted)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(
+    repo_params_raw: dict, tiny_validated: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    params = tiny(repo_params_raw)
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tokenizer.run(params.tokenizer, params.model, tiny_validated, out, out.parent / "t.json")
+    return out
+
+
+def _pretrain(params: Params, tokenizer_dir: Path, validated: Path, root: Path) -> dict:
+    return pretrain.run(
+        params.pretrain,
+        params.model,
+        tokenizer_dir,
+        validated,
+        root / "pretrained",
+        root / "ckpt",
+        root / "live",
+        root / "p.json",
+    )
+
+
+def test_tokenizer_loads_offline_and_adds_cls_sep(tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokens = loaded.convert_ids_to_tokens(loaded("这本书很好")["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert tokens[1:-1] == ["这", "本", "书", "很", "好"]  # CJK: one character a token
+    metrics = json.loads((tokenizer_dir.parent / "t.json").read_text("utf-8"))
+    assert metrics["vocab_size"] == len(loaded) >= 1000  # every character is kept
+    assert 0 <= metrics["val_unknown_token_rate"] < 0.05
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_latin_and_cjk_text_both_tokenise(repo_params_raw: dict, kind: str) -> None:
+    params = tiny(repo_params_raw, tokenizer__kind=kind, tokenizer__vocab_size=300)
+    texts = [
+        "great book, loved it",
+        "terrible service and slow delivery",
+        "这本书很好看",
+        "质量很差",
+        "Great value, would buy again",
+    ] * 50
+    built = tokenizer.build(params.tokenizer, params.model, iter(texts))
+    assert tokenizer.unknown_rate(built, ["slow delivery, great value", "这本书很差"]) == 0.0
+    assert (
+        built.decode(built("great book")["input_ids"], skip_special_tokens=True).replace(" ", "")
+        == "greatbook"
+    )
+    assert len(built("很好 " * 100, truncation=True)["input_ids"]) == params.model.max_length
+
+
+@pytest.mark.parametrize(
+    ("architecture", "auto_class"),
+    [("bert", "AutoModelForMaskedLM"), ("gpt2", "AutoModelForCausalLM")],
+)
+def test_pretrain_writes_a_loadable_language_model(
+    repo_params_raw: dict,
+    tokenizer_dir: Path,
+    tiny_validated: Path,
+    tmp_path: Path,
+    architecture: str,
+    auto_class: str,
+) -> None:
+    import transformers
+
+    params = tiny(repo_params_raw, model__architecture=architecture)
+    metrics = _pretrain(params, tokenizer_dir, tiny_validated, tmp_path)
+    assert metrics["objective"] == ("masked-lm" if architecture == "bert" else "causal-lm")
+    assert math.isfinite(metrics["val_perplexity"]) and metrics["val_perplexity"] > 1
+    assert metrics["steps"] == 20 and metrics["tokens_per_s"] > 0
+    model = getattr(transformers, auto_class).from_pretrained(str(tmp_path / "pretrained"))
+    assert model.config.num_hidden_layers == 1
+    assert (tmp_path / "pretrained" / "model.safetensors").is_file()
+    loss_log = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(loss_log.read_text("utf-8").splitlines()) == 21  # header + one row a step
+    assert not (tmp_path / "ckpt").exists()  # checkpoints go once the model is saved
+
+
+def test_same_seed_gives_the_same_metrics(
+    repo_params_raw: dict, tokenizer_dir: Path, tiny_validated: Path, tmp_path: Path
+) -> None:
+    """Tolerance: 1e-6 relative; on CPU the runs are bit-identical in practice."""
+    params = tiny(repo_params_raw)
+    first = _pretrain(params, tokenizer_dir, tiny_validated, tmp_path / "a")
+    second = _pretrain(params, tokenizer_dir, tiny_validated, tmp_path / "b")
+    assert second["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+    other = _pretrain(
+        tiny(repo_params_raw, pretrain__seed=1), tokenizer_dir, tiny_validated, tmp_path / "c"
+    )
+    assert other["val_loss"] != first["val_loss"]
+
+
+def test_corpus_too_small_for_the_batch_is_refused_before_training(
+    repo_params_raw: dict, tokenizer_dir: Path, tiny_validated: Path, tmp_path: Path
+) -> None:
+    params = tiny(repo_params_raw, pretrain__batch_size=100_000)
+    with pytest.raises(DataError, match=r"fewer than one batch \(pretrain.batch_size=100000"):
+        _pretrain(params, tokenizer_dir, tiny_validated, tmp_path)
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_invalid_hyper_parameters_are_rejected_with_their_key(repo_params_raw: dict) -> None:
+    with pytest.raises(ConfigError, match=r"model\.heads \(3\) must divide model\.hidden_size"):
+        tiny(repo_params_raw, model__heads=3)
+    with pytest.raises(ConfigError, match=r"pretrain\.steps: Input should be greater"):
+        tiny(repo_params_raw, pretrain__steps=0)
+    with pytest.raises(ConfigError, match=r"model\.architecture"):
+        tiny(repo_params_raw, model__architecture="t5")
+
+
+@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+def test_finetune_and_evaluate_against_the_baseline(
+    repo_params_raw: dict,
+    tokenizer_dir: Path,
+    tiny_validated: Path,
+    tmp_path: Path,
+    architecture: str,
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    params = tiny(repo_params_raw, model__architecture=architecture, evaluate__ablation=True)
+    _pretrain(params, tokenizer_dir, tiny_validated, tmp_path)
+    summary = finetune.run(
+        params.finetune,
+        params.model,
+        tokenizer_dir,
+        tmp_path / "pretrained",
+        tiny_validated,
+        tmp_path / "finetuned",
+        tmp_path / "ft-live",
+        tmp_path / "ft.json",
+    )
+    assert summary["from_pretrained"] and summary["epochs_run"] == 1
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "finetuned"))
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+    metrics = evaluate.run(
+        params.evaluate,
+        params.finetune,
+        params.model,
+        tmp_path / "finetuned",
+        tokenizer_dir,
+        tiny_validated,
+        tmp_path / "metrics.json",
+        tmp_path / "plots",
+        tmp_path / "card.md",
+    )
+    for side in ("model", "baseline"):
+        assert set(metrics[side]) >= {"accuracy", "macro_f1", "roc_auc", "ece", "slices_by_chars"}
+        assert 0 <= metrics[side]["ece"] <= 1
+        assert sum(s["n"] for s in metrics[side]["slices_by_chars"].values()) == 150
+    assert metrics["baseline"]["accuracy"] > 0.6  # TF-IDF learns even from 1,200 reviews
+    assert set(metrics["behavioural"]) == {
+        "invariance_punctuation",
+        "directional_negative_suffix",
+        "minimum_functionality",
+    }
+    gates = metrics["gates"]
+    assert gates["passed"] == (
+        gates["min_accuracy"]["passed"] and gates["beats_baseline"]["passed"]
+    )
+    assert "pretraining_gain" in metrics["ablation_no_pretraining"]
+    confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text("utf-8"))
+    assert len(confusion) == 150
+    roc = json.loads((tmp_path / "plots" / "roc.json").read_text("utf-8"))
+    assert roc[0]["fpr"] == 0 and roc[-1]["tpr"] == 1
+    card = (tmp_path / "card.md").read_text("utf-8")
+    assert "TF-IDF + LR baseline" in card and "Gates:" in card
+
+
+def test_expected_calibration_error_of_a_perfectly_calibrated_model() -> None:
+    import numpy as np
+
+    probs = np.array([[0.2, 0.8]] * 10)
+    targets = np.array([1] * 8 + [0] * 2)
+    assert evaluate.expected_calibration_error(targets, probs, bins=10) == pytest.approx(0.0)
+    assert evaluate.expected_calibration_error(1 - targets, probs, bins=10) == pytest.approx(0.6)
+
+
+def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
+    repo_params_raw: dict, tokenizer_dir: Path, tiny_validated: Path, tmp_path: Path
+) -> None:
+    raw = tiny_raw(repo_params_raw)
+    raw["pretrain"].update({"steps": 600, "checkpoint_every": 10})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
+    shutil.copytree(tiny_validated, tmp_path / "data" / "validated")
+    shutil.copytree(tokenizer_dir, tmp_path / "models" / "tokenizer")
+    checkpoints = tmp_path / "models" / "checkpoints" / "pretrain"
+    command = [sys.executable, "-m", "lmops", "stage", "pretrain"]
+
+    killed = subprocess.Popen(
+        command, cwd=tmp_path, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    last_seen = 0
+    while last_seen < 50 and time.monotonic() < deadline and killed.poll() is None:
+        steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")]
+        last_seen = max(steps, default=0)
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "pretraining finished before it was killed"
+    assert last_seen >= 50
+    assert not (tmp_path / "models" / "pretrained").exists()
+
+    resumed = subprocess.run(
+        command, cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text("utf-8"))
+    assert metrics["resumed_from_step"] >= last_seen  # at most one interval lost
+    assert f"resuming from the checkpoint at step {metrics['resumed_from_step']}" in resumed.stderr
+    assert metrics["steps"] == 600 and math.isfinite(metrics["val_perplexity"])
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(str(tmp_path / "models" / "pretrained"))
+    loss_log = tmp_path / "reports" / "dvclive" / "pretrain" / "plots" / "metrics" / "train"
+    steps_logged = [
+        int(line.split("\t")[0])
+        for line in (loss_log / "loss.tsv").read_text("utf-8").splitlines()[1:]
+    ]
+    assert steps_logged[-1] == 599  # the curve continues to the last step
+
+
+def test_config_files_of_the_repository_are_valid() -> None:
+    assert parse_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text("utf-8")))
