@@ -107,5 +107,37 @@ def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml."
     STAGES[name](load_params(Path.cwd()), Path.cwd())
 
 
+@app.command()
+@_user_errors
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+) -> None:
+    """Serve the exported model with ONNX Runtime: /v1/predict, /v2 (Open Inference
+    Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
+    import uvicorn
+
+    from lmops.config import load_params
+    from lmops.serving.app import create_app
+    from lmops.serving.engine import Engine
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lmops").setLevel(logging.INFO)
+    root = Path.cwd()
+    cfg = load_params(root).serve
+    engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
+    typer.echo(
+        f"serving {cfg.model_name} {engine.version} ({engine.variant}) on {engine.providers}",
+        err=True,
+    )
+    uvicorn.run(
+        create_app(cfg, engine, root),
+        host=host or cfg.host,
+        port=cfg.port if port is None else port,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -149,6 +149,28 @@ class ExportConfig(_Strict):
     parity: ParityConfig
 
 
+class TrafficConfig(_Strict):
+    dir: str = Field(min_length=1)
+    store_text: bool
+    rotate_mb: float = Field(gt=0)
+
+
+class ServeConfig(_Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=0, le=65535)
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    model_dir: str = Field(min_length=1)
+    require_gpu: bool
+    threads: int = Field(ge=0)
+    max_batch_size: int = Field(ge=1)
+    max_wait_ms: float = Field(ge=0)
+    max_queue: int = Field(ge=1)
+    max_texts_per_request: int = Field(ge=1)
+    max_chars_per_text: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1024)
+    traffic: TrafficConfig
+
+
 class Params(_Strict):
     data: DataConfig
     validation: ValidationConfig
@@ -158,6 +180,7 @@ class Params(_Strict):
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+    serve: ServeConfig
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

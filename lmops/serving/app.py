@@ -1,0 +1,332 @@
+"""The HTTP API: `/v1/predict`, the Open Inference Protocol v2 (as Triton and KServe speak
+it) and Prometheus `/metrics`. Every client error is a 4xx whose JSON `error` says which
+rule was broken; the server keeps serving."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, StrictStr
+
+from lmops.config import ServeConfig
+from lmops.serving.batcher import MicroBatcher, Overloaded
+from lmops.serving.engine import Engine
+from lmops.serving.traffic import TrafficLog
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class PredictRequest(BaseModel):
+    texts: list[StrictStr]
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput]
+    parameters: dict[str, Any] | None = None
+    outputs: list[dict[str, Any]] | None = None
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether it announces its length or streams."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _reject(self, size: int | None) -> JSONResponse:
+        shown = f"{size:,} bytes" if size is not None else "more bytes than allowed"
+        return JSONResponse(
+            status_code=413,
+            content={
+                "error": f"request body is {shown}, over serve.max_body_bytes={self.max_bytes:,}"
+            },
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(int(declared))(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._reject(None)(scope, receive, send)
+
+
+class Metrics:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lmops_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lmops_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.batch_size = Histogram(
+            "lmops_batch_size",
+            "Texts per session run",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.queue_depth = Gauge(
+            "lmops_queue_depth", "Requests waiting for a batch", registry=self.registry
+        )
+        self.texts = Counter("lmops_texts", "Texts predicted", registry=self.registry)
+        info = Gauge(
+            "lmops_model_info",
+            "The model being served and where it runs",
+            ["model", "version", "variant", "provider", "device"],
+            registry=self.registry,
+        )
+        info.labels(
+            model_name, engine.version, engine.variant, engine.providers[0], engine.device
+        ).set(1)
+
+    def on_batch(self, size: int, depth: int) -> None:
+        self.batch_size.observe(size)
+        self.queue_depth.set(depth)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[int, str]:
+    problems = []
+    for error in err.errors():
+        if error["type"] == "json_invalid":
+            return 400, f"invalid JSON: {error.get('ctx', {}).get('error', error['msg'])}"
+        where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+        problems.append(f"{where}: {error['msg']}")
+    return 422, "; ".join(problems)
+
+
+def _require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ClientError(
+            415, f"content type must be application/json, got {content_type or 'none'!r}"
+        )
+
+
+def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
+    metrics = Metrics(engine, cfg.model_name)
+    traffic = TrafficLog(root / cfg.traffic.dir, cfg.traffic.store_text, cfg.traffic.rotate_mb)
+
+    batcher = MicroBatcher(
+        engine.predict,
+        cfg.max_batch_size,
+        cfg.max_wait_ms,
+        cfg.max_queue,
+        on_batch=metrics.on_batch,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.warm_up()
+        batcher.start()
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        await batcher.drain()
+
+    app = FastAPI(title="lmops", lifespan=lifespan)
+    app.state.ready = False
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, err: ClientError) -> JSONResponse:
+        return JSONResponse(
+            status_code=err.status, content={"error": err.message}, headers=err.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(err)
+        return JSONResponse(status_code=status, content={"error": message})
+
+    async def predict(texts: list[str], request_id: str) -> list[Any]:
+        if not texts:
+            raise ClientError(422, "texts must hold at least one text")
+        if len(texts) > cfg.max_texts_per_request:
+            raise ClientError(
+                422,
+                f"{len(texts)} texts, over serve.max_texts_per_request={cfg.max_texts_per_request}",
+            )
+        for index, text in enumerate(texts):
+            if len(text) > cfg.max_chars_per_text:
+                raise ClientError(
+                    422,
+                    f"text {index} has {len(text):,} characters, over "
+                    f"serve.max_chars_per_text={cfg.max_chars_per_text:,}",
+                )
+        started = time.perf_counter()
+        try:
+            predictions = await batcher.submit(texts)
+        except Overloaded:
+            raise ClientError(
+                503,
+                "server overloaded: the request queue is full (serve.max_queue"
+                f"={cfg.max_queue}); retry shortly",
+                headers={"Retry-After": "1"},
+            ) from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        traffic.append(request_id, texts, predictions, latency_ms, engine.version)
+        metrics.texts.inc(len(texts))
+        return predictions
+
+    def _request_id(request: Request) -> str:
+        return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+    @app.post("/v1/predict", dependencies=[Depends(_require_json)])
+    async def v1_predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+        request_id = _request_id(request)
+        predictions = await predict(body.texts, request_id)
+        return {
+            "model": cfg.model_name,
+            "version": engine.version,
+            "request_id": request_id,
+            "predictions": [
+                {
+                    "label": p.label,
+                    "score": p.score,
+                    "probabilities": p.probabilities,
+                    "model_version": engine.version,
+                }
+                for p in predictions
+            ],
+        }
+
+    def _known(name: str) -> None:
+        if name != cfg.model_name:
+            raise ClientError(404, f"unknown model {name!r}; this server serves {cfg.model_name!r}")
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        status = 200 if app.state.ready else 503
+        return JSONResponse(status_code=status, content={"ready": app.state.ready})
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        _known(name)
+        return {
+            "name": cfg.model_name,
+            "versions": [engine.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels)]},
+            ],
+            "parameters": {
+                "labels": engine.labels,
+                "variant": engine.variant,
+                "providers": engine.providers,
+                "device": engine.device,
+                "max_length": engine.max_length,
+            },
+        }
+
+    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_require_json)])
+    async def infer(name: str, body: InferRequest, request: Request) -> dict[str, Any]:
+        _known(name)
+        if len(body.inputs) != 1 or body.inputs[0].datatype != "BYTES":
+            raise ClientError(
+                422, "expected exactly one input, of datatype BYTES, holding the texts"
+            )
+        tensor = body.inputs[0]
+        if not all(isinstance(t, str) for t in tensor.data):
+            raise ClientError(422, f"input {tensor.name!r}: every element must be a string")
+        if tensor.shape != [len(tensor.data)]:
+            raise ClientError(
+                422,
+                f"input {tensor.name!r}: shape {tensor.shape} does not match "
+                f"{len(tensor.data)} elements",
+            )
+        predictions = await predict(tensor.data, body.id or _request_id(request))
+        return {
+            "model_name": cfg.model_name,
+            "model_version": engine.version,
+            "id": body.id,
+            "outputs": [
+                {
+                    "name": "label",
+                    "datatype": "BYTES",
+                    "shape": [len(predictions)],
+                    "data": [p.label for p in predictions],
+                },
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [len(predictions), len(engine.labels)],
+                    "data": [
+                        p.probabilities[label] for p in predictions for label in engine.labels
+                    ],
+                },
+            ],
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(batcher.queue.qsize())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,127 @@
+"""The inference engine: the exported tokenizer and an ONNX Runtime session.
+
+The provider list is CUDA then CPU; ONNX Runtime falls back to CPU silently when the CUDA
+libraries are missing, so the provider really in use is read back from the session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmops.errors import LmopsError
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+class Engine:
+    """Tokenise, pad per length bucket, run the session, softmax."""
+
+    def __init__(
+        self, model_dir: Path, require_gpu: bool, max_batch_size: int, threads: int = 0
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        manifest_path = model_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise LmopsError(f"no exported model in {model_dir} (run the export stage first)")
+        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        self.labels: list[str] = self.manifest["labels"]
+        self.max_length: int = self.manifest["max_length"]
+        self.max_batch_size = max_batch_size
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_padding()
+        self.pad_id = self.tokenizer.token_to_id("[PAD]")
+
+        # onnxruntime-gpu lists CUDA even where its libraries are missing; the session
+        # then falls back to CPU (and ORT prints a page of errors, silenced here).
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        cuda_listed = CUDA in ort.get_available_providers()
+        variant = self.manifest["recommended"][CUDA if cuda_listed else CPU]
+        self.session = self._session(
+            model_dir, variant, options, [CUDA, CPU] if cuda_listed else [CPU]
+        )
+        self.providers: list[str] = self.session.get_providers()
+        if cuda_listed and CUDA not in self.providers:
+            log.warning(
+                "engine: the CUDA provider could not load (CUDA/cuDNN libraries "
+                "missing?); ONNX Runtime runs on %s",
+                self.providers,
+            )
+            cpu_variant = self.manifest["recommended"][CPU]
+            if cpu_variant != variant:
+                variant = cpu_variant
+                self.session = self._session(model_dir, variant, options, [CPU])
+                self.providers = self.session.get_providers()
+        self.variant = variant
+        self.version = self.manifest["variants"][variant]["sha256"][:12]
+        log.info("engine: %s variant of %s on %s", variant, model_dir, self.providers)
+        if require_gpu and CUDA not in self.providers:
+            raise LmopsError(
+                f"serve.require_gpu is true but ONNX Runtime runs on {self.providers}: the CUDA "
+                "provider is missing or its libraries (CUDA, cuDNN) could not be loaded"
+            )
+
+    def _session(self, model_dir: Path, variant: str, options: Any, providers: list[str]) -> Any:
+        import onnxruntime as ort
+
+        path = model_dir / self.manifest["variants"][variant]["file"]
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if CUDA in self.providers else "cpu"
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        width = max(len(seq) for seq in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        logits = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities per text, computed in batches of similar length."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            probs[chunk] = self._run([ids[i] for i in chunk])
+        return probs
+
+    def predict(self, texts: list[str]) -> list[Prediction]:
+        return [
+            Prediction(
+                label=self.labels[int(row.argmax())],
+                score=float(row.max()),
+                probabilities={label: float(p) for label, p in zip(self.labels, row, strict=True)},
+            )
+            for row in self.probabilities(texts)
+        ]
+
+    def warm_up(self) -> None:
+        self.predict(["warm-up", "预热文本"] * (self.max_batch_size // 2 or 1))
