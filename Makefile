@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run test lint format repro status clean
+.PHONY: install run serve test lint format repro status clean
 
 install: $(INSTALLED)
 
@@ -22,6 +22,9 @@ $(INSTALLED): pyproject.toml
 
 run: install
 	$(BIN)/lmops run --profile cpu-demo
+
+serve: install
+	$(BIN)/lmops serve
 
 test: install
 	$(BIN)/ruff check .

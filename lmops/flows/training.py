@@ -43,6 +43,21 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
+def _run_streaming(command: list[str], cwd: Path) -> tuple[str, int]:
+    """Run a command, passing its output (progress bars included) through to the console
+    as it comes, and return it all with the exit code."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    chunks = []
+    while chunk := process.stdout.read1(65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        chunks.append(chunk)
+    returncode = process.wait()
+    return b"".join(chunks).decode("utf-8", errors="replace").strip(), returncode
+
+
 def _reason(output: str) -> str:
     """The stage's own one-line errors (`error: ...`), else the last lines DVC printed."""
     lines = output.splitlines()
@@ -68,15 +83,10 @@ def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
     """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed."""
     logger = get_run_logger()
     root = Path(project_dir)
-    completed = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root,
-        env=_dvc_env(),
-        capture_output=True,
-        text=True,
+    output, returncode = _run_streaming(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root
     )
-    output = (completed.stdout + completed.stderr).strip()
-    if completed.returncode != 0:
+    if returncode != 0:
         logger.error("dvc repro %s failed:\n%s", stage, output)
         raise StageFailed(f"stage {stage} failed: {_reason(output)}")
     ran = "didn't change, skipping" not in output

@@ -52,7 +52,7 @@ class Engine:
 
         # onnxruntime-gpu lists CUDA even where its libraries are missing; the session
         # then falls back to CPU (and ORT prints a page of errors, silenced here).
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -101,8 +101,9 @@ def fuse_fp16(source: Path, target: Path, model_cfg: ModelConfig) -> None:
 def session(path: Path, providers: list[str]) -> Any:
     import onnxruntime as ort
 
+    # A missing CUDA library is read from get_providers(), not from ORT's page of errors.
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the CUDA fallback is read from get_providers(), not logs
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -111,8 +112,9 @@ def run_batches(predict: Any, ids: list[list[int]], pad_id: int, batch_size: int
     logits: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for batch in length_bucketed([len(s) for s in ids], batch_size, seed=None):
         inputs = collate([ids[i] for i in batch], pad_id)
+        batch_logits = predict({k: v.numpy() for k, v in inputs.items()})
         for row, index in enumerate(batch):
-            logits[index] = predict({k: v.numpy() for k, v in inputs.items()})[row]
+            logits[index] = batch_logits[row]
     return np.stack(logits)
 
 

@@ -1,0 +1,299 @@
+"""Serving speed, all in one run on the same model and inputs:
+
+1. engines — PyTorch eager vs ONNX Runtime fp32 (as exported), fp32 fused (ORT's transformer
+   optimizer) and int8, at batch 1, 8 and 32, as ratios to eager; the model's FLOPs from
+   its config against this machine's fp32 GEMM rate measured now (the ceiling);
+2. HTTP — `lmops serve` on a loopback port, 1, 8 and 32 concurrent async clients, with
+   micro-batching on and off: throughput, p50, p99, and the server's overhead over a bare
+   engine at batch 1.
+
+    .venv/bin/python bench/serving.py [--seconds 3]
+
+Needs `make run` first (models/finetuned, models/onnx, data/validated). Writes
+reports/bench/serving.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path.cwd()
+BATCHES = (1, 8, 32)
+CONCURRENCY = (1, 8, 32)
+
+
+def gemm_gflops(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def forward_flops(config: Any, lengths: list[int]) -> float:
+    """Weights: 2 FLOPs per non-embedding parameter per token; attention: QK^T and AV."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size
+    width = max(lengths)
+    tokens = width * len(lengths)
+    return tokens * (2 * layers * per_layer + 4 * layers * width * hidden)
+
+
+def timed(run: Any, seconds: float) -> float:
+    """Median seconds per call over `seconds` of repeated calls (after one warm-up)."""
+    run()
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def engines(
+    model_dir: Path, onnx_dir: Path, texts: list[str], threads: int, seconds: float
+) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(onnx_dir / "tokenizer"))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    manifest = json.loads((onnx_dir / "manifest.json").read_text("utf-8"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as scratch:
+        fused_path = Path(scratch) / "fused.onnx"
+        optimize_model(
+            str(onnx_dir / "model.onnx"),
+            model_type=manifest["architecture"],
+            num_heads=model.config.num_attention_heads,
+            hidden_size=model.config.hidden_size,
+        ).save_model_to_file(str(fused_path))
+        sessions = {
+            "ort_fp32": ort.InferenceSession(
+                str(onnx_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            ),
+            "ort_fp32_fused": ort.InferenceSession(
+                str(fused_path), options, providers=["CPUExecutionProvider"]
+            ),
+        }
+        if (onnx_dir / "model.int8.onnx").exists():
+            sessions["ort_int8"] = ort.InferenceSession(
+                str(onnx_dir / "model.int8.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+        results: dict[str, Any] = {}
+        for batch in BATCHES:
+            encoded = tokenizer(
+                texts[:batch],
+                padding=True,
+                truncation=True,
+                max_length=manifest["max_length"],
+                return_tensors="np",
+            )
+            feed = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+            lengths = [int(m.sum()) for m in feed["attention_mask"]]
+
+            def eager(tensors: dict = tensors) -> None:
+                with torch.no_grad():
+                    model(**tensors)
+
+            row = {"eager_ms": timed(eager, seconds) * 1000}
+            for name, sess in sessions.items():
+                row[f"{name}_ms"] = (
+                    timed(lambda s=sess, f=feed: s.run(["logits"], f), seconds) * 1000
+                )
+                row[f"{name}_vs_eager"] = row["eager_ms"] / row[f"{name}_ms"]
+            row["gflop"] = forward_flops(model.config, lengths) / 1e9
+            row["ort_fp32_gflops"] = row["gflop"] / (row["ort_fp32_ms"] / 1000)
+            results[f"batch_{batch}"] = {k: round(v, 4) for k, v in row.items()}
+    results["int8_accuracy_drop"] = round(
+        manifest["variants"]["fp32"]["parity"]["accuracy"]
+        - manifest["variants"].get("int8", {}).get("parity", {}).get("accuracy", float("nan")),
+        5,
+    )
+    return results
+
+
+def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) -> dict:
+    from lmops.serving.engine import Engine
+
+    engine = Engine(onnx_dir, require_gpu=False, max_batch_size=32, threads=threads)
+    one = timed(lambda: engine.predict(texts[:1]), seconds)
+    thirty_two = timed(lambda: engine.predict(texts[:32]), seconds)
+    return {
+        "variant": engine.variant,
+        "batch_1_ms": round(one * 1000, 3),
+        "best_texts_per_s": round(32 / thirty_two, 1),
+    }
+
+
+async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
+    import httpx
+
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        i = index
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            response = await http.post("/v1/predict", json={"texts": [texts[i % len(texts)]]})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            i += clients
+
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=clients)
+    ) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "texts_per_s": round(len(ms) / elapsed, 1),
+        "p50_ms": round(ms[len(ms) // 2], 3),
+        "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 3),
+        "requests": len(ms),
+    }
+
+
+def http(
+    onnx_dir: Path, texts: list[str], threads: int, seconds: float, batching: bool
+) -> dict[str, Any]:
+    import httpx
+    import yaml
+
+    from lmops.config import override, read_raw
+
+    with tempfile.TemporaryDirectory() as scratch:
+        workspace = Path(scratch)
+        (workspace / "models").mkdir()
+        shutil.copytree(onnx_dir, workspace / "models" / "onnx")
+        settings = {
+            "serve.threads": threads,
+            "serve.traffic.dir": "traffic",
+            "serve.max_batch_size": 32 if batching else 1,
+            "serve.max_wait_ms": 2 if batching else 0,
+            "serve.max_queue": 1024,
+        }
+        raw = override(read_raw(ROOT), settings)
+        (workspace / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
+        port = 18_000 + os.getpid() % 1000 + (1 if batching else 0)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
+            cwd=workspace,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            return {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--out", default="reports/bench/serving.json")
+    args = parser.parse_args()
+    texts = pd.read_parquet(ROOT / "data/validated/test.parquet")["text"].tolist()[:512]
+    onnx_dir, model_dir = ROOT / "models/onnx", ROOT / "models/finetuned"
+
+    ceiling = gemm_gflops(args.threads)
+    engine_results = engines(model_dir, onnx_dir, texts, args.threads, args.seconds)
+    bare = bare_engine(onnx_dir, texts, args.threads, args.seconds)
+    served = {
+        "batching_on": http(onnx_dir, texts, args.threads, args.seconds, batching=True),
+        "batching_off": http(onnx_dir, texts, args.threads, args.seconds, batching=False),
+    }
+    b1, b32 = engine_results["batch_1"], engine_results["batch_32"]
+    on32 = served["batching_on"]["clients_32"]["texts_per_s"]
+    off32 = served["batching_off"]["clients_32"]["texts_per_s"]
+    one_at_a_time = served["batching_off"]["clients_1"]["texts_per_s"]
+    summary = {
+        "ort_fp32_batch32_share_of_gemm_ceiling": round(b32["ort_fp32_gflops"] / ceiling, 3),
+        "int8_vs_fp32_batch32": round(b32["ort_fp32_ms"] / b32.get("ort_int8_ms", float("nan")), 3),
+        "int8_accuracy_drop": engine_results["int8_accuracy_drop"],
+        "ort_fp32_vs_eager_batch1": b1["ort_fp32_vs_eager"],
+        "http_32_clients_share_of_bare_engine_best": round(on32 / bare["best_texts_per_s"], 3),
+        "micro_batching_vs_one_at_a_time": round(on32 / one_at_a_time, 3),
+        "micro_batching_vs_off_at_32_clients": round(on32 / off32, 3),
+        "server_overhead_batch1_ms": round(
+            served["batching_on"]["clients_1"]["p50_ms"] - bare["batch_1_ms"], 3
+        ),
+    }
+    targets = {
+        "ort_fp32_batch32_share_of_gemm_ceiling": (">=", 0.85),
+        "int8_vs_fp32_batch32": (">=", 1.4),
+        "int8_accuracy_drop": ("<=", 0.01),
+        "ort_fp32_vs_eager_batch1": (">=", 1.8),
+        "http_32_clients_share_of_bare_engine_best": (">=", 0.8),
+        "micro_batching_vs_one_at_a_time": (">=", 4.0),
+        "server_overhead_batch1_ms": ("<=", 1.0),
+    }
+    met = {
+        key: (summary[key] >= bound if op == ">=" else summary[key] <= bound)
+        for key, (op, bound) in targets.items()
+    }
+    import torch
+
+    result = {
+        "what": __doc__.splitlines()[0],
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "model": json.loads((onnx_dir / "manifest.json").read_text("utf-8"))["architecture"],
+        "gemm_ceiling_gflops": round(ceiling, 1),
+        "engines": engine_results,
+        "bare_engine": bare,
+        "http": served,
+        "summary": summary,
+        "targets": {k: f"{op} {bound}" for k, (op, bound) in targets.items()},
+        "met": met,
+    }
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({"summary": summary, "met": met}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
