@@ -199,7 +199,7 @@ def http(
             "serve.threads": threads,
             "serve.traffic.dir": "traffic",
             "serve.max_batch_size": 32 if batching else 1,
-            "serve.max_wait_ms": 2 if batching else 0,
+            "serve.max_wait_ms": 0,
             "serve.max_queue": 1024,
         }
         raw = override(read_raw(ROOT), settings)
