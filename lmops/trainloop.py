@@ -21,7 +21,9 @@ def accelerator_for(cfg: OptimConfig) -> Any:
     bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     )
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    # cpu=True where there is no GPU: under torchrun that makes Accelerate use gloo across
+    # processes (it otherwise looks only for accelerators and runs each process alone).
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int) -> None:

@@ -117,19 +117,23 @@ class Checkpoints:
         return max(found) if found else None
 
     def save(self, accelerator: Any, step: int) -> None:
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Every process saves its part (its RNG state); the main process publishes."""
         target = self.directory / f"step-{step}"
         scratch = self.directory / f".step-{step}.tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
+        if accelerator.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(scratch))
-        write_json(scratch / "lmops_state.json", {"step": step, "fingerprint": self.fingerprint})
-        os.replace(scratch, target)
-        for old in self.directory.glob("step-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "fingerprint": self.fingerprint}
+            write_json(scratch / "lmops_state.json", state)
+            os.replace(scratch, target)
+            for old in self.directory.glob("step-*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

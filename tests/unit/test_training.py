@@ -256,3 +256,40 @@ def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
 
 def test_config_files_of_the_repository_are_valid() -> None:
     assert parse_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text("utf-8")))
+
+
+def test_pretrain_and_finetune_run_data_parallel_under_torchrun(
+    repo_params_raw: dict, tokenizer_dir: Path, tiny_validated: Path, tmp_path: Path
+) -> None:
+    """Two processes on CPU (gloo): each draws its slice of every batch, gradients are
+    synchronised, and only the main process writes checkpoints, metrics and models."""
+    raw = tiny_raw(repo_params_raw)
+    raw["pretrain"].update({"steps": 30, "checkpoint_every": 10})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
+    shutil.copytree(tiny_validated, tmp_path / "data" / "validated")
+    shutil.copytree(tokenizer_dir, tmp_path / "models" / "tokenizer")
+    for stage in ("pretrain", "finetune"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "lmops",
+                "stage",
+                stage,
+            ],
+            cwd=tmp_path,
+            env=tool_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text("utf-8"))
+    assert metrics["train_tokens"] == 30 * 8 * 2 * 32  # steps x batch x 2 processes x tokens
+    assert (tmp_path / "models" / "pretrained" / "model.safetensors").is_file()
+    assert not (tmp_path / "models" / "checkpoints" / "pretrain").exists()
+    assert (tmp_path / "models" / "finetuned" / "model.safetensors").is_file()
