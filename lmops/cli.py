@@ -56,10 +56,20 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
     The profile and --set overrides are written into params.yaml first, as
     `dvc exp run --set-param` does, so dvc.lock records what the run used.
     """
+    from lmops.config import override, parse_params, read_raw, resolve_overrides
+
+    root = Path.cwd()
+    # Bad params fail here, in one line, before a Prefect server is even started.
+    parse_params(override(read_raw(root), resolve_overrides(root, profile, set_ or [])))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.exceptions import FailedRun
+
     from lmops.flows.training import training
 
-    result = training(profile=profile, overrides=set_ or [], project_dir=str(Path.cwd()))
+    try:
+        result = training(profile=profile, overrides=set_ or [], project_dir=str(root))
+    except FailedRun as failed:
+        raise LmopsError(str(failed)) from None
     _print_summary(result)
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from lmops.config import apply_overrides, resolve_overrides
-from lmops.errors import LmopsError
 from lmops.stages import (
     METRICS,
     MODEL_CARD,
@@ -28,10 +29,6 @@ from lmops.stages import (
     VALIDATED_DIR,
     VALIDATION_DOCS_DIR,
 )
-
-
-class StageFailed(LmopsError):
-    """`dvc repro` of one stage exited non-zero; the message carries its last lines."""
 
 
 def _dvc_env() -> dict[str, str]:
@@ -79,7 +76,7 @@ def _locked(root: Path, stage: str) -> dict[str, list[str]]:
 
 
 @task(task_run_name="stage-{stage}")
-def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
+def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any] | State:
     """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed."""
     logger = get_run_logger()
     root = Path(project_dir)
@@ -87,8 +84,11 @@ def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any]:
         [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root
     )
     if returncode != 0:
-        logger.error("dvc repro %s failed:\n%s", stage, output)
-        raise StageFailed(f"stage {stage} failed: {_reason(output)}")
+        logger.error(
+            "dvc repro %s failed; its last lines:\n%s", stage, "\n".join(output.splitlines()[-40:])
+        )
+        # A Failed state, not an exception: the reason is the user's, not a traceback's.
+        return Failed(message=f"stage {stage} failed: {_reason(output)}")
     ran = "didn't change, skipping" not in output
     io = _locked(root, stage)
     logger.info(
@@ -169,14 +169,19 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 @flow(name="training", log_prints=True)
 def training(
     profile: str | None = None, overrides: list[str] | None = None, project_dir: str = "."
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Apply the profile and overrides to params.yaml, then reproduce every stage in order."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     _, changed = apply_overrides(root, resolve_overrides(root, profile, overrides or []))
     if changed:
         logger.info("params.yaml changed: %s", changed)
-    stages = [reproduce_stage(stage, str(root)) for stage in STAGES]
+    stages = []
+    for stage in STAGES:
+        state = reproduce_stage(stage, str(root), return_state=True)
+        if state.is_failed():
+            return Failed(message=state.message)
+        stages.append(state.result())
     from lmops.tasks.validate import read_manifest
 
     manifest = read_manifest(root / VALIDATED_DIR)

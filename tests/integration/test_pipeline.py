@@ -130,6 +130,7 @@ def test_failing_validation_quarantines_and_keeps_validated_data(
     assert result.returncode == 1
     assert "error: stage validate failed" in result.stderr
     assert "expect_column_values_to_be_in_set" in result.stderr
+    assert "Traceback" not in result.stderr
     assert tree_digest(project / "data" / "validated") == validated_before
     assert len(list((project / "data" / "quarantine").iterdir())) == 1
 
@@ -137,3 +138,14 @@ def test_failing_validation_quarantines_and_keeps_validated_data(
     assert repro.returncode != 0
     assert tree_digest(project / "data" / "validated") == validated_before
     assert len(list((project / "data" / "quarantine").iterdir())) == 2
+
+
+def test_bad_override_fails_in_one_line_before_prefect_starts(
+    project: Path, prefect_server: dict[str, Any]
+) -> None:
+    before = (project / "params.yaml").read_bytes()
+    result = _lmops_run(project, prefect_server, "--set", "pretrain.steps=0")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: invalid params: pretrain.steps:")
+    assert "Traceback" not in result.stderr and "Flow run" not in result.stderr
+    assert (project / "params.yaml").read_bytes() == before
