@@ -154,25 +154,29 @@ def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) 
 
 
 async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
-    import httpx
+    """Single-text requests from `clients` concurrent async clients. aiohttp, not httpx: the
+    load generator shares the machine's two cores with the server, so it must be light."""
+    import aiohttp
 
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
-    async def client(index: int, http: httpx.AsyncClient) -> None:
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
         i = index
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            response = await http.post("/v1/predict", json={"texts": [texts[i % len(texts)]]})
-            response.raise_for_status()
+            async with session.post(
+                f"{url}/v1/predict", json={"texts": [texts[i % len(texts)]]}
+            ) as response:
+                response.raise_for_status()
+                await response.read()
             latencies.append(time.perf_counter() - start)
             i += clients
 
-    async with httpx.AsyncClient(
-        base_url=url, timeout=30, limits=httpx.Limits(max_connections=clients)
-    ) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
         elapsed = time.perf_counter() - started
     ms = sorted(x * 1000 for x in latencies)
     return {
