@@ -59,6 +59,19 @@ def optimizer_and_schedule(model: Any, cfg: OptimConfig, total_steps: int) -> tu
     return optimizer, schedule
 
 
+def train_step(
+    model: Any, inputs: dict[str, Any], accelerator: Any, optimizer: Any, schedule: Any
+) -> Any:
+    """One optimisation step on a batch; returns the loss (clipped gradients at norm 1)."""
+    loss = model(**{k: v.to(accelerator.device) for k, v in inputs.items()}).loss
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def live_logger(directory: Path, resume: bool) -> Any:
     """DVCLive that neither rewrites dvc.yaml nor creates experiments (dvc.yaml declares
     its outputs), so `dvc status` stays clean."""

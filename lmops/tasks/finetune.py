@@ -19,7 +19,13 @@ from lmops.batching import collate, encode, length_bucketed, predict_proba
 from lmops.config import FinetuneConfig, ModelConfig
 from lmops.errors import DataError
 from lmops.modeling import build_config, load_tokenizer
-from lmops.trainloop import accelerator_for, live_logger, optimizer_and_schedule, seed_everything
+from lmops.trainloop import (
+    accelerator_for,
+    live_logger,
+    optimizer_and_schedule,
+    seed_everything,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +103,7 @@ def train_classifier(
         ):
             inputs = collate([train_ids[i] for i in batch], tokenizer.pad_token_id)
             inputs["labels"] = torch.tensor(train_targets[batch], dtype=torch.long)
-            loss = model(**{k: v.to(accelerator.device) for k, v in inputs.items()}).loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, inputs, accelerator, optimizer, schedule)
             seen += len(batch)
             if live is not None:
                 live.log_metric("train/loss", loss.item())

@@ -31,6 +31,7 @@ from lmops.trainloop import (
     peak_flops,
     perplexity,
     seed_everything,
+    train_step,
 )
 
 log = logging.getLogger(__name__)
@@ -260,12 +261,7 @@ def run(
             )
         ]
         batch = collator([{"input_ids": r} for r in rows])
-        loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, accelerator, optimizer, schedule)
         window_tokens += tokens_per_step
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
