@@ -39,6 +39,12 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _log_our_own(level: int) -> None:
+    """Our packages log at `level`; libraries stay at WARNING."""
+    for package in ("lmops", "tasks", "flows", "serving"):
+        logging.getLogger(package).setLevel(level)
+
+
 ProfileOption = Annotated[
     str | None, typer.Option("--profile", "-p", help="Named override set from profiles/.")
 ]
@@ -64,7 +70,7 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.exceptions import FailedRun
 
-    from lmops.flows.training import training
+    from flows.training import training
 
     try:
         result = training(profile=profile, overrides=set_ or [], project_dir=str(root))
@@ -98,7 +104,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     refused = "".join(f"; {name} not published: {why}" for name, why in exported["refused"].items())
     typer.echo(f"  onnx       models/onnx/ ({', '.join(exported['variants'])}{refused})")
     typer.echo("  metrics    reports/metrics.json (dvc metrics show; dvc plots show)\n")
-    from lmops.flows.training import metrics_markdown
+    from flows.training import metrics_markdown
 
     typer.echo(metrics_markdown(result["metrics"]))
 
@@ -113,7 +119,7 @@ def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml."
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("lmops").setLevel(logging.INFO)
+    _log_our_own(logging.INFO)
     STAGES[name](load_params(Path.cwd()), Path.cwd())
 
 
@@ -128,11 +134,11 @@ def serve(
     import uvicorn
 
     from lmops.config import load_params
-    from lmops.serving.app import create_app
-    from lmops.serving.engine import Engine
+    from serving.app import create_app
+    from serving.engine import Engine
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("lmops").setLevel(logging.INFO)
+    _log_our_own(logging.INFO)
     root = Path.cwd()
     cfg = load_params(root).serve
     engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)

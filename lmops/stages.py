@@ -35,13 +35,13 @@ TRITON_DIR = Path("models/triton")
 
 
 def _ingest(params: Params, root: Path) -> Any:
-    from lmops.tasks import ingest
+    from tasks import ingest
 
     return ingest.run(params.data, root, root / INGESTED_DIR, root / INGEST_METRICS)
 
 
 def _validate(params: Params, root: Path) -> Any:
-    from lmops.tasks import validate
+    from tasks import validate
 
     return validate.run(
         params.validation,
@@ -54,7 +54,7 @@ def _validate(params: Params, root: Path) -> Any:
 
 
 def _tokenizer(params: Params, root: Path) -> Any:
-    from lmops.tasks import tokenizer
+    from tasks import tokenizer
 
     return tokenizer.run(
         params.tokenizer,
@@ -66,7 +66,7 @@ def _tokenizer(params: Params, root: Path) -> Any:
 
 
 def _pretrain(params: Params, root: Path) -> Any:
-    from lmops.tasks import pretrain
+    from tasks import pretrain
 
     return pretrain.run(
         params.pretrain,
@@ -81,7 +81,7 @@ def _pretrain(params: Params, root: Path) -> Any:
 
 
 def _finetune(params: Params, root: Path) -> Any:
-    from lmops.tasks import finetune
+    from tasks import finetune
 
     return finetune.run(
         params.finetune,
@@ -96,7 +96,7 @@ def _finetune(params: Params, root: Path) -> Any:
 
 
 def _evaluate(params: Params, root: Path) -> Any:
-    from lmops.tasks import evaluate
+    from tasks import evaluate
 
     return evaluate.run(
         params.evaluate,
@@ -112,7 +112,7 @@ def _evaluate(params: Params, root: Path) -> Any:
 
 
 def _export(params: Params, root: Path) -> Any:
-    from lmops.tasks import export
+    from tasks import export
 
     return export.run(
         params.export,

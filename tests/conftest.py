@@ -129,7 +129,7 @@ def tiny_raw(raw: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_validated(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Validated-shape tables from a real ingest of the tiny profile's sample."""
-    from lmops.tasks import ingest
+    from tasks import ingest
 
     root = tmp_path_factory.mktemp("tiny-data")
     params = parse_params(tiny_raw(repo_params_raw))
@@ -141,7 +141,7 @@ def build_tiny_classifier(
     raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert"
 ) -> dict[str, Path]:
     """Tokenizer, pretrained LM and fine-tuned classifier of the tiny profile, in `root`."""
-    from lmops.tasks import finetune, pretrain, tokenizer
+    from tasks import finetune, pretrain, tokenizer
 
     params = params_with(tiny_raw(raw), model__architecture=architecture)
     dirs = {name: root / name for name in ("tokenizer", "pretrained", "finetuned")}

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from lmops.config import apply_overrides, load_params
-from lmops.serving.engine import Engine
-from lmops.tasks import export
+from serving.engine import Engine
+from tasks import export
 from tests.conftest import (
     REPO_ROOT,
     build_tiny_classifier,
@@ -284,8 +284,8 @@ def test_traffic_log_records_every_prediction(server: str, workspace: Path) -> N
 
 
 def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> None:
-    from lmops.serving.engine import Prediction
-    from lmops.serving.traffic import TrafficLog
+    from serving.engine import Prediction
+    from serving.traffic import TrafficLog
 
     log = TrafficLog(tmp_path, store_text=False, rotate_mb=1)
     log.append("r", ["secret review"], [Prediction("positive", 0.9, {})], 1.0, "v")
@@ -318,7 +318,7 @@ def test_require_gpu_refuses_to_start_without_cuda(workspace: Path, engine: Engi
 
 def test_serving_code_imports_no_heavy_library() -> None:
     probe = (
-        "import sys, lmops.cli, lmops.serving.app, lmops.serving.engine; "
+        "import sys, lmops.cli, serving.app, serving.engine; "
         "print(sorted({'torch', 'transformers', 'great_expectations', 'evidently'} "
         "& set(sys.modules)))"
     )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lmops.serving.batcher import MicroBatcher, Overloaded
+from serving.batcher import MicroBatcher, Overloaded
 
 
 def _slow_echo(calls: list[int]):

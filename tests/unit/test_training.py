@@ -18,7 +18,7 @@ import yaml
 
 from lmops.config import Params, parse_params
 from lmops.errors import ConfigError, DataError
-from lmops.tasks import evaluate, finetune, pretrain, tokenizer
+from tasks import evaluate, finetune, pretrain, tokenizer
 from tests.conftest import REPO_ROOT, params_with, tiny_raw, tool_env
 
 

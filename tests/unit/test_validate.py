@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from lmops.errors import ValidationFailed
-from lmops.tasks import ingest, validate
+from tasks import ingest, validate
 from tests.conftest import params_with, tree_digest
 
 TINY = {

@@ -182,7 +182,7 @@ def training(
         if state.is_failed():
             return Failed(message=state.message)
         stages.append(state.result())
-    from lmops.tasks.validate import read_manifest
+    from tasks.validate import read_manifest
 
     manifest = read_manifest(root / VALIDATED_DIR)
     docs_index = root / VALIDATION_DOCS_DIR / "index.html"

@@ -25,9 +25,9 @@ from prometheus_client import (
 from pydantic import BaseModel, StrictStr
 
 from lmops.config import ServeConfig
-from lmops.serving.batcher import MicroBatcher, Overloaded
-from lmops.serving.engine import Engine
-from lmops.serving.traffic import TrafficLog
+from serving.batcher import MicroBatcher, Overloaded
+from serving.engine import Engine
+from serving.traffic import TrafficLog
 
 
 class ClientError(Exception):

@@ -239,7 +239,7 @@ def run(
 ) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification
 
-    from lmops.tasks.validate import read_manifest
+    from tasks.validate import read_manifest
 
     started = time.perf_counter()
     train = pd.read_parquet(validated_dir / "train.parquet")
@@ -268,7 +268,7 @@ def run(
         "gates": gates_verdict(cfg, model_metrics, baseline_metrics),
     }
     if cfg.ablation:
-        from lmops.tasks.finetune import train_classifier
+        from tasks.finetune import train_classifier
 
         scratch_model, _ = train_classifier(
             finetune_cfg, model_cfg, load_tokenizer(tokenizer_dir), labels, train, val, None, None
