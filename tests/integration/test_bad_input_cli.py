@@ -91,6 +91,17 @@ CASES: list[tuple[str, Callable[[Path], str], str]] = [
 ]
 
 
+def _ingest(workspace: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmops", "stage", "ingest"],
+        cwd=workspace,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text("utf-8"), "utf-8")
@@ -110,14 +121,7 @@ def test_bad_source_gets_one_clear_line(
     source = make_source(workspace / "data")  # makers write workspace/data.<suffix>
     apply_overrides(workspace, {"data.source": source, "data.corpus": "corpus.txt"})
     before = tree_digest(workspace / "data")
-    result = subprocess.run(
-        [sys.executable, "-m", "lmops", "stage", "ingest"],
-        cwd=workspace,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _ingest(workspace)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "error: data.source" in result.stderr
@@ -132,14 +136,7 @@ def test_unknown_param_key_at_the_cli(workspace: Path) -> None:
         .replace("  normalization:", "  normalisation:")
     )
     (workspace / "params.yaml").write_text(text, "utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "lmops", "stage", "ingest"],
-        cwd=workspace,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _ingest(workspace)
     assert result.returncode == 1
     assert "data.normalisation: unknown key" in result.stderr
     assert "data.normalization: missing key" in result.stderr
