@@ -39,10 +39,11 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _log_our_own(level: int) -> None:
-    """Our packages log at `level`; libraries stay at WARNING."""
+def _log_to_console() -> None:
+    """Our packages log at INFO on stderr; libraries stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     for package in ("lmops", "tasks", "flows", "serving"):
-        logging.getLogger(package).setLevel(level)
+        logging.getLogger(package).setLevel(logging.INFO)
 
 
 ProfileOption = Annotated[
@@ -118,8 +119,7 @@ def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml."
 
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    _log_our_own(logging.INFO)
+    _log_to_console()
     STAGES[name](load_params(Path.cwd()), Path.cwd())
 
 
@@ -137,8 +137,7 @@ def serve(
     from serving.app import create_app
     from serving.engine import Engine
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    _log_our_own(logging.INFO)
+    _log_to_console()
     root = Path.cwd()
     cfg = load_params(root).serve
     engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)

@@ -22,6 +22,7 @@ import pandas as pd
 from lmops.atomic import atomic_dir, write_json
 from lmops.batching import collate, encode, length_bucketed
 from lmops.config import ExportConfig, ModelConfig
+from lmops.errors import LmopsError
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,6 @@ def run(
             and parity["label_agreement_vs_torch"] >= cfg.parity.min_label_agreement
         )
         if not fp32_ok:
-            from lmops.errors import LmopsError
-
             raise LmopsError(
                 f"export: fp32 ONNX fails parity with PyTorch on the test split: "
                 f"{parity} (limits: export.parity)"

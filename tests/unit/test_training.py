@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lmops.config import Params, parse_params
+from lmops.config import Params
 from lmops.errors import ConfigError, DataError
 from tasks import evaluate, finetune, pretrain, tokenizer
-from tests.conftest import REPO_ROOT, params_with, tiny_raw, tool_env
+from tests.conftest import params_with, tiny_raw, tool_env
 
 
 def tiny(repo_params_raw: dict, **dotted: Any) -> Params:
@@ -252,10 +252,6 @@ def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
         for line in (loss_log / "loss.tsv").read_text("utf-8").splitlines()[1:]
     ]
     assert steps_logged[-1] == 599  # the curve continues to the last step
-
-
-def test_config_files_of_the_repository_are_valid() -> None:
-    assert parse_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text("utf-8")))
 
 
 def test_pretrain_and_finetune_run_data_parallel_under_torchrun(
