@@ -1,0 +1,94 @@
+"""The promotion flow: champion (prod) vs challenger, then staging → prod when every gate
+passes. On a failed gate nothing in the registry changes and the report names the gate
+with its numbers. The first model, with no champion, faces the absolute gates only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from lmops import registry
+from lmops.config import load_params
+from lmops.workspace import workspace_lock
+from tasks import promote
+
+
+def actor(by: str | None) -> str:
+    """Who acts: the given user, or this flow run."""
+    run = f"flow-run:{flow_run.id}" if flow_run.id else ""
+    return " via ".join(part for part in (by, run) if part) or registry.user_actor()
+
+
+@task(retries=2, retry_delay_seconds=[5, 20], timeout_seconds=1800)
+def measure_versions(root: str, challenger: str, champion: str | None) -> dict[str, Any]:
+    cfg = load_params(Path(root)).promotion
+    return promote.measure(Path(root), challenger, champion, cfg)
+
+
+@flow(name="promotion", log_prints=True)
+def promotion(
+    version: str | None = None, project_dir: str = ".", by: str | None = None
+) -> dict[str, Any]:
+    """Gate VERSION (default: the newest registered) against prod and promote it if it passes."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    params = load_params(root)
+    who = actor(by)
+    with workspace_lock(root, params.orchestration.lock_timeout_minutes, who):
+        challenger = version or registry.latest_version(root)
+        champion = registry.stage_version(root, "prod")
+        if champion == challenger:
+            message = f"{challenger} is already in prod; nothing to do"
+            logger.info(message)
+            return {"version": challenger, "champion": champion, "promoted": False, "why": message}
+        commit = registry.commit_of(root, challenger)
+        measured = measure_versions(str(root), challenger, champion)
+        gates = promote.absolute_gates(
+            registry.metrics_at(root, commit), _manifest(root, challenger), params.export.parity
+        )
+        if champion:
+            models = measured["models"]
+            gates += promote.relative_gates(models[challenger], models[champion], params.promotion)
+        failed = [g for g in gates if not g["passed"]]
+        report = promote.markdown(challenger, champion, measured, gates)
+        figures = promote.key_figures(measured, challenger)
+        if failed:
+            why = "refused: " + "; ".join(
+                f"{g['gate']} {g['value']} (needed {g['threshold']})" for g in failed
+            )
+        else:
+            why = f"gates passed against {champion or 'no champion (first model)'}"
+            relaxed = [g["note"] for g in gates if g["note"]]
+            why += "".join(f"; {note}" for note in relaxed)
+            if registry.stage_version(root, "staging") != challenger:
+                registry.assign(root, challenger, "staging", who, why, figures)
+            registry.assign(root, challenger, "prod", who, why, figures)
+        logger.info("%s %s: %s", "promoted" if not failed else "did not promote", challenger, why)
+        create_markdown_artifact(
+            key="promotion",
+            markdown=f"# Promotion: {'PROMOTED to prod' if not failed else 'REFUSED'}\n\n"
+            f"{report}\n\nRegistry: prod = "
+            f"**{registry.stage_version(root, 'prod') or 'none'}**, staging = "
+            f"**{registry.stage_version(root, 'staging') or 'none'}**. By {who}.",
+            description=f"{challenger} vs {champion or 'no champion'}: gates and verdict",
+        )
+    return {
+        "version": challenger,
+        "champion": champion,
+        "promoted": not failed,
+        "failed_gates": [g["gate"] for g in failed],
+        "why": why,
+        "gates": gates,
+        "measured": measured,
+        "report": report,
+    }
+
+
+def _manifest(root: Path, version: str) -> dict[str, Any]:
+    path = registry.materialize(root, version) / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,318 @@
+"""The model registry: GTO's git tags over the DVC artifact `lmops` (models/onnx in dvc.yaml).
+
+A version is a tag `lmops@vX.Y.Z` on the commit whose dvc.lock holds that export; a stage
+assignment is a tag `lmops#STAGE#N`. Every tag's message is a JSON record of who did it
+(a user or a flow run), why, and the metrics it was judged on, so `lmops models --history`
+reads the whole story from git alone. GTO enforces no stage order; `assign` does.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lmops.errors import LmopsError
+from lmops.stages import METRICS
+
+ARTIFACT = "lmops"
+STAGES = ("staging", "prod")
+# Where registered versions are fetched to (from DVC's cache) for serving and promotion.
+MATERIALIZED_DIR = Path("models/registry")
+# What a registration commits beside dvc.lock: the params it ran with and the reports
+# dvc.yaml keeps in git (metrics, plots, training curves, model card).
+REGISTERED_PATHS = ("params.yaml", "dvc.lock", "reports")
+FALLBACK_IDENTITY = ("lmops", "lmops@localhost")
+
+
+def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise LmopsError(f"git {' '.join(args)} failed in {root}: {result.stderr.strip()}")
+    return result
+
+
+def is_git_repo(root: Path) -> bool:
+    return _git(root, "rev-parse", "--is-inside-work-tree", check=False).returncode == 0
+
+
+def _configured(root: Path, key: str) -> str | None:
+    value = _git(root, "config", key, check=False).stdout.strip()
+    return value or None
+
+
+@contextmanager
+def _identity(root: Path) -> Iterator[tuple[str, str]]:
+    """The git identity for registry commits and tags: the user's when configured, else
+    lmops's own (a fresh machine often has none, and git then refuses to commit)."""
+    name = _configured(root, "user.name") or FALLBACK_IDENTITY[0]
+    email = _configured(root, "user.email") or FALLBACK_IDENTITY[1]
+    keys = ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(dict(zip(keys, (name, email, name, email), strict=True)))
+    try:
+        yield name, email
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def user_actor() -> str:
+    return f"user:{getpass.getuser()}"
+
+
+def _record(by: str, why: str, metrics: dict[str, Any] | None = None) -> str:
+    return json.dumps({"by": by, "why": why, "metrics": metrics or {}}, ensure_ascii=False)
+
+
+def _parse_record(message: str) -> dict[str, Any]:
+    try:
+        record = json.loads(message)
+    except json.JSONDecodeError:  # a tag made by hand with `gto`
+        return {"by": "", "why": message.strip(), "metrics": {}}
+    return record if isinstance(record, dict) else {"by": "", "why": message, "metrics": {}}
+
+
+def _versions_raw(root: Path) -> list[dict[str, Any]]:
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        return gto.api.show(str(root), ARTIFACT, table=False)
+    except ArtifactNotFound:  # nothing registered yet
+        return []
+
+
+def version_at(root: Path, commit: str) -> str | None:
+    return next((v["version"] for v in _versions_raw(root) if v["commit_hexsha"] == commit), None)
+
+
+def commit_of(root: Path, version: str) -> str:
+    for entry in _versions_raw(root):
+        if entry["version"] == version:
+            return entry["commit_hexsha"]
+    known = ", ".join(v["version"] for v in _versions_raw(root)) or "none registered"
+    raise LmopsError(f"unknown version {version!r} of {ARTIFACT} (known: {known})")
+
+
+def read_at(root: Path, commit: str, path: Path | str) -> str | None:
+    """A git-tracked file as of `commit`, or None where it did not exist."""
+    result = _git(root, "show", f"{commit}:{path}", check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def metrics_at(root: Path, commit: str) -> dict[str, Any]:
+    text = read_at(root, commit, METRICS)
+    return json.loads(text) if text else {}
+
+
+def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures a registry record keeps from reports/metrics.json."""
+    return {
+        "accuracy": metrics.get("model", {}).get("accuracy"),
+        "macro_f1": metrics.get("model", {}).get("macro_f1"),
+        "baseline_accuracy": metrics.get("baseline", {}).get("accuracy"),
+        "gates_passed": metrics.get("gates", {}).get("passed"),
+    }
+
+
+def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
+    """Commit dvc.lock, params and reports (if they changed) and tag that commit as a new
+    version. Returns (version, newly registered): a commit already tagged keeps its version."""
+    import gto.api
+
+    if not is_git_repo(root):
+        raise LmopsError(f"{root} is not a git repository: the registry keeps versions as git tags")
+    paths = [p for p in REGISTERED_PATHS if (root / p).exists()]
+    with _identity(root) as (name, email):
+        _git(root, "add", "--", *paths)
+        if _git(root, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode:
+            _git(
+                root,
+                "commit",
+                "-q",
+                "-m",
+                f"lmops: register model ({by})\n\n{summary}",
+                "--",
+                *paths,
+            )
+        head = _git(root, "rev-parse", "HEAD").stdout.strip()
+        existing = version_at(root, head)
+        if existing:
+            return existing, False
+        gto.api.register(
+            str(root),
+            ARTIFACT,
+            head,
+            message=_record(by, summary, key_metrics(metrics_at(root, head))),
+            author=name,
+            author_email=email,
+        )
+    return latest_version(root), True
+
+
+def latest_version(root: Path) -> str:
+    import gto.api
+
+    latest = gto.api.find_latest_version(str(root), ARTIFACT)
+    if latest is None:
+        raise LmopsError(f"no version of {ARTIFACT} is registered in {root}")
+    return latest.version
+
+
+def stage_version(root: Path, stage: str) -> str | None:
+    """The version a stage points at now (resolved through GTO's `NAME#STAGE` shortcut,
+    which honours a rollback's --force reassignment)."""
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        found = gto.api.show(str(root), f"{ARTIFACT}#{stage}", table=False)
+    except ArtifactNotFound:
+        return None
+    return found[0]["version"] if found else None
+
+
+def history(root: Path) -> list[dict[str, Any]]:
+    """Every registration and stage assignment, oldest first, with its parsed record."""
+    import gto.api
+
+    events = gto.api.history(str(root), ARTIFACT, ascending=True, table=False)
+    # Tags made within one second tie on time; GTO's `#N` counter orders assignments.
+    events = sorted(events, key=lambda e: (e["timestamp"], _tag_number(e["ref"])))
+    return [
+        {
+            "when": event["timestamp"].isoformat(),
+            "event": event["event"],
+            "version": event["version"],
+            "stage": event["stage"],
+            "commit": event["commit"],
+            "tag": event["ref"],
+            **_parse_record(event["message"] or ""),
+        }
+        for event in events
+        if event["event"] in ("registration", "assignment")
+    ]
+
+
+def _tag_number(ref: str) -> int:
+    tail = ref.rsplit("#", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def versions(root: Path) -> list[dict[str, Any]]:
+    """Every registered version, newest first, with its active stages and test metrics."""
+    active = {stage: stage_version(root, stage) for stage in STAGES}
+    rows = []
+    for entry in _versions_raw(root):
+        if not entry["registrations"]:
+            continue
+        registration = entry["registrations"][0]
+        rows.append(
+            {
+                "version": entry["version"],
+                "commit": entry["commit_hexsha"],
+                "registered": registration["created_at"].isoformat(),
+                "by": _parse_record(registration["message"] or "").get("by", ""),
+                "stages": [stage for stage in STAGES if active[stage] == entry["version"]],
+                **key_metrics(metrics_at(root, entry["commit_hexsha"])),
+            }
+        )
+    return sorted(rows, key=lambda row: _semver(row["version"]), reverse=True)
+
+
+def _semver(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.lstrip("v").split(".") if part.isdigit())
+
+
+def assign(
+    root: Path,
+    version: str,
+    stage: str,
+    by: str,
+    why: str,
+    metrics: dict[str, Any] | None = None,
+    force: bool = False,
+) -> None:
+    """Point `stage` at `version`. A version reaches prod only after it has been in staging."""
+    import gto.api
+
+    if stage not in STAGES:
+        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    commit_of(root, version)
+    if stage == "prod" and not any(
+        e["event"] == "assignment" and e["stage"] == "staging" and e["version"] == version
+        for e in history(root)
+    ):
+        raise LmopsError(
+            f"{version} has never been in staging: a version reaches prod only after staging"
+        )
+    with _identity(root) as (name, email):
+        gto.api.assign(
+            str(root),
+            ARTIFACT,
+            stage,
+            version=version,
+            message=_record(by, why, metrics),
+            force=force,
+            author=name,
+            author_email=email,
+        )
+
+
+def previous_prod(root: Path) -> str | None:
+    """The prod version before the current one, by the order of prod assignments."""
+    current = stage_version(root, "prod")
+    earlier = [
+        e["version"] for e in history(root) if e["event"] == "assignment" and e["stage"] == "prod"
+    ]
+    while earlier and earlier[-1] == current:
+        earlier.pop()
+    return earlier[-1] if earlier else None
+
+
+def materialize(root: Path, version: str) -> Path:
+    """The version's export as a local folder, fetched once from DVC's cache (or remote)."""
+    from dvc.repo.artifacts import Artifacts
+
+    target = root / MATERIALIZED_DIR / version
+    if (target / "manifest.json").is_file():
+        return target
+    commit_of(root, version)
+    scratch = target.with_name(f".{version}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        Artifacts.get(str(root), ARTIFACT, version=version, out=str(scratch))
+    except Exception as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise LmopsError(
+            f"cannot fetch {ARTIFACT} {version} from DVC (is it in the cache or a remote?): {err}"
+        ) from err
+    try:
+        os.replace(scratch, target)
+    except OSError:  # another process fetched the same version first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
+    """What a server polls: the version `stage` points at now, and its local export."""
+    if stage not in STAGES:
+        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+
+    def resolve() -> tuple[str, Path]:
+        version = stage_version(root, stage)
+        if version is None:
+            raise LmopsError(f"no version of {ARTIFACT} is in {stage} (run `lmops promote` first)")
+        return version, materialize(root, version)
+
+    return resolve
