@@ -9,8 +9,13 @@ INSTALLED := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+# Prefect's database, profiles and logs stay inside the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+UI_PORT ?= 4200
+PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
+POOL := lmops
 
-.PHONY: install run serve test lint format repro status clean
+.PHONY: install run serve monitor monitor-ui ui deploy worker test lint format repro status clean
 
 install: $(INSTALLED)
 
@@ -25,6 +30,29 @@ run: install
 
 serve: install
 	$(BIN)/lmops serve
+
+monitor: install
+	$(BIN)/lmops monitor
+
+# Drift over time: every `lmops monitor` run is a snapshot in this Evidently workspace
+# (monitor.workspace_dir), served offline at http://127.0.0.1:8001.
+monitor-ui: install
+	$(BIN)/evidently ui --workspace reports/drift/workspace --host 127.0.0.1 --port 8001
+
+# The Prefect server and its UI at http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it).
+ui: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(UI_PORT)
+
+# The deployments of deployments/prefect.yaml on the `process` work pool (server: `make ui`).
+deploy: install
+	PREFECT_API_URL=$(PREFECT_UI_API) $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(PREFECT_UI_API) $(BIN)/prefect work-pool create $(POOL) --type process
+	PREFECT_API_URL=$(PREFECT_UI_API) $(BIN)/prefect --no-prompt deploy --all \
+		--prefect-file deployments/prefect.yaml
+
+# A worker that runs the deployments' flow runs in this checkout.
+worker: install
+	PREFECT_API_URL=$(PREFECT_UI_API) $(BIN)/prefect worker start --pool $(POOL) --type process
 
 test: install
 	$(BIN)/ruff check .

@@ -10,10 +10,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from lmops import registry
 from lmops.config import load_params
+from lmops.errors import LmopsError
 from lmops.workspace import workspace_lock
 from tasks import promote
 
@@ -33,12 +36,17 @@ def measure_versions(root: str, challenger: str, champion: str | None) -> dict[s
 @flow(name="promotion", log_prints=True)
 def promotion(
     version: str | None = None, project_dir: str = ".", by: str | None = None
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Gate VERSION (default: the newest registered) against prod and promote it if it passes."""
+    try:
+        return _gate_and_promote(version, Path(project_dir).resolve(), actor(by))
+    except LmopsError as err:  # unknown version, no git repository, locked workspace
+        return Failed(message=str(err))
+
+
+def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, Any]:
     logger = get_run_logger()
-    root = Path(project_dir).resolve()
     params = load_params(root)
-    who = actor(by)
     with workspace_lock(root, params.orchestration.lock_timeout_minutes, who):
         challenger = version or registry.latest_version(root)
         champion = registry.stage_version(root, "prod")

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,30 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
-from prefect.states import Failed
+from prefect.states import Completed, Failed
+from prefect.tasks import exponential_backoff
 
-from lmops.config import apply_overrides, resolve_overrides
+from flows.promotion import actor, promotion
+from lmops import registry
+from lmops.config import (
+    OrchestrationConfig,
+    apply_overrides,
+    override,
+    parse_params,
+    read_raw,
+    resolve_overrides,
+)
+from lmops.errors import LmopsError
 from lmops.stages import (
     METRICS,
     MODEL_CARD,
     ONNX_DIR,
+    PLOTS_DIR,
     STAGES,
     VALIDATED_DIR,
     VALIDATION_DOCS_DIR,
 )
+from lmops.workspace import workspace_lock
 
 
 def _dvc_env() -> dict[str, str]:
@@ -40,19 +54,30 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
-def _run_streaming(command: list[str], cwd: Path) -> tuple[str, int]:
+def _run_streaming(command: list[str], cwd: Path, timeout_s: float) -> tuple[str, int]:
     """Run a command, passing its output (progress bars included) through to the console
-    as it comes, and return it all with the exit code."""
+    as it comes, and return it all with the exit code. Past `timeout_s` it is killed."""
     process = subprocess.Popen(
         command, cwd=cwd, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    timer = threading.Timer(timeout_s, process.kill)
+    timer.start()
     chunks = []
-    while chunk := process.stdout.read1(65536):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        chunks.append(chunk)
-    returncode = process.wait()
-    return b"".join(chunks).decode("utf-8", errors="replace").strip(), returncode
+    try:
+        while chunk := process.stdout.read1(65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            chunks.append(chunk)
+        returncode = process.wait()
+    finally:
+        timed_out = not timer.is_alive() and process.returncode not in (0, None)
+        timer.cancel()
+    output = b"".join(chunks).decode("utf-8", errors="replace").strip()
+    if timed_out:
+        output += (
+            f"\nerror: killed after {timeout_s / 60:g} min (orchestration.stage_timeout_minutes)"
+        )
+    return output, returncode
 
 
 def _reason(output: str) -> str:
@@ -75,20 +100,30 @@ def _locked(root: Path, stage: str) -> dict[str, list[str]]:
     }
 
 
-@task(task_run_name="stage-{stage}")
-def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any] | State:
-    """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed."""
+STAGE_FAILED = "StageFailed"
+
+
+def _transient_only(task: Any, task_run: Any, state: State) -> bool:
+    """Retry what failed by accident (a subprocess that could not start, an I/O error),
+    never a stage that failed on its own: bad data fails the same way every time."""
+    return state.name != STAGE_FAILED
+
+
+@task(task_run_name="stage-{stage}", retry_condition_fn=_transient_only)
+def reproduce_stage(stage: str, project_dir: str, timeout_s: float) -> dict[str, Any] | State:
+    """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed
+    (the task run then ends in a Completed state named Skipped)."""
     logger = get_run_logger()
     root = Path(project_dir)
     output, returncode = _run_streaming(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root, timeout_s
     )
     if returncode != 0:
         logger.error(
             "dvc repro %s failed; its last lines:\n%s", stage, "\n".join(output.splitlines()[-40:])
         )
         # A Failed state, not an exception: the reason is the user's, not a traceback's.
-        return Failed(message=f"stage {stage} failed: {_reason(output)}")
+        return Failed(name=STAGE_FAILED, message=f"stage {stage} failed: {_reason(output)}")
     ran = "didn't change, skipping" not in output
     io = _locked(root, stage)
     logger.info(
@@ -98,7 +133,10 @@ def reproduce_stage(stage: str, project_dir: str) -> dict[str, Any] | State:
         ", ".join(io["deps"]),
         ", ".join(io["outs"]),
     )
-    return {"stage": stage, "ran": ran, **io}
+    result = {"stage": stage, "ran": ran, **io}
+    if not ran:
+        return Completed(name="Skipped", message="up to date (dvc.lock)", data=result)
+    return result
 
 
 def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[dict]) -> str:
@@ -126,9 +164,13 @@ def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[
         "",
         f"Validation report (Great Expectations Data Docs): [{docs_index}]({docs_index.as_uri()})",
         "",
-        "| stage | result |",
-        "|---|---|",
-        *(f"| {s['stage']} | {'ran' if s['ran'] else 'skipped (up to date)'} |" for s in stages),
+        "| stage | result | outputs in dvc.lock (md5) |",
+        "|---|---|---|",
+        *(
+            f"| {s['stage']} | {'ran' if s['ran'] else 'skipped (up to date)'} | "
+            f"{', '.join(s['outs'])} |"
+            for s in stages
+        ),
     ]
     return "\n".join(lines)
 
@@ -166,22 +208,109 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@task(retries=2, retry_delay_seconds=[5, 20], timeout_seconds=600)
+def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
+    """Commit dvc.lock, params and reports, and tag the commit as a version (GTO)."""
+    version, new = registry.register(Path(project_dir), by, summary)
+    return {"version": version, "new": new}
+
+
+def _registry_markdown(root: Path, registered: dict[str, Any], promoted: dict | None) -> str:
+    lines = [
+        f"# Registry\n\nThis run's model is **{registered['version']}** "
+        f"({'newly registered' if registered['new'] else 'already registered: nothing changed'}).",
+        "",
+        "| stage | version |",
+        "|---|---|",
+        *(
+            f"| {stage} | {registry.stage_version(root, stage) or '-'} |"
+            for stage in registry.STAGES
+        ),
+    ]
+    if promoted is not None:
+        lines += [
+            "",
+            f"Promotion: {'PROMOTED' if promoted['promoted'] else 'not promoted'} — "
+            f"{promoted['why']}",
+        ]
+    return "\n".join(lines)
+
+
 @flow(name="training", log_prints=True)
 def training(
-    profile: str | None = None, overrides: list[str] | None = None, project_dir: str = "."
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    project_dir: str = ".",
+    promote: bool = True,
 ) -> dict[str, Any] | State:
-    """Apply the profile and overrides to params.yaml, then reproduce every stage in order."""
-    logger = get_run_logger()
+    """Apply the profile and overrides to params.yaml, reproduce every stage in order, then
+    register the model and run the promotion gates. One run at a time per workspace."""
     root = Path(project_dir).resolve()
-    _, changed = apply_overrides(root, resolve_overrides(root, profile, overrides or []))
-    if changed:
-        logger.info("params.yaml changed: %s", changed)
-    stages = []
-    for stage in STAGES:
-        state = reproduce_stage(stage, str(root), return_state=True)
-        if state.is_failed():
-            return Failed(message=state.message)
-        stages.append(state.result())
+    wanted = resolve_overrides(root, profile, overrides or [])
+    # This run's own settings decide how long it waits; params.yaml is written only once
+    # the lock is held, so a waiting run never changes what the running one reads.
+    orchestration = parse_params(override(read_raw(root), wanted)).orchestration
+    try:
+        return _train_locked(root, wanted, orchestration, profile, overrides, promote)
+    except LmopsError as err:  # the lock, git, the registry: the user's to fix, no traceback
+        return Failed(message=str(err))
+
+
+def _train_locked(
+    root: Path,
+    wanted: dict[str, Any],
+    orchestration: OrchestrationConfig,
+    profile: str | None,
+    overrides: list[str] | None,
+    promote: bool,
+) -> dict[str, Any] | State:
+    logger = get_run_logger()
+    who = actor(None)
+    with workspace_lock(root, orchestration.lock_timeout_minutes, who):
+        _, changed = apply_overrides(root, wanted)
+        if changed:
+            logger.info("params.yaml changed: %s", changed)
+        reproduce = reproduce_stage.with_options(
+            retries=orchestration.retries,
+            retry_delay_seconds=exponential_backoff(orchestration.retry_delay_seconds)
+            if orchestration.retry_delay_seconds
+            else 0,
+        )
+        stages = []
+        for stage in STAGES:
+            state = reproduce(
+                stage, str(root), orchestration.stage_timeout_minutes * 60, return_state=True
+            )
+            if state.is_failed():
+                return Failed(message=state.message)
+            stages.append(state.result())
+        result = _publish(root, stages)
+        if not registry.is_git_repo(root):
+            logger.warning("%s is not a git repository: the model is not registered", root)
+            return {**result, "registered": None, "promotion": None}
+        metrics = result["metrics"]["model"]
+        registered = register_model(
+            str(root),
+            who,
+            f"profile {profile or '-'}, overrides {overrides or []}; test accuracy "
+            f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+        )
+        promoted = None
+        if promote:
+            promotion_state = promotion(registered["version"], str(root), return_state=True)
+            if promotion_state.is_failed():
+                return Failed(message=f"promotion failed: {promotion_state.message}")
+            promoted = promotion_state.result()
+        create_markdown_artifact(
+            key="registry",
+            markdown=_registry_markdown(root, registered, promoted),
+            description="The registered version and where the stages point",
+        )
+    return {**result, "registered": registered, "promotion": promoted}
+
+
+def _publish(root: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data and evaluation artifacts, and what the run summary needs."""
     from tasks.validate import read_manifest
 
     manifest = read_manifest(root / VALIDATED_DIR)
@@ -192,11 +321,13 @@ def training(
         description="Row counts, drops and content hashes of the validated data",
     )
     metrics = json.loads((root / METRICS).read_text(encoding="utf-8"))
+    plots = sorted((root / PLOTS_DIR).glob("*"))
     create_markdown_artifact(
         key="evaluation",
         markdown="# Evaluation\n\n"
         + metrics_markdown(metrics)
-        + f"\n\nModel card: {(root / MODEL_CARD).as_uri()}",
+        + f"\n\nModel card: {(root / MODEL_CARD).as_uri()}\n\nPlots (`dvc plots show`): "
+        + ", ".join(f"[{plot.name}]({plot.as_uri()})" for plot in plots),
         description="Test metrics beside the baseline, and the gates' verdict",
     )
     export_manifest = json.loads((root / ONNX_DIR / "manifest.json").read_text(encoding="utf-8"))

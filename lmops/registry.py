@@ -82,10 +82,16 @@ def _parse_record(message: str) -> dict[str, Any]:
     return record if isinstance(record, dict) else {"by": "", "why": message, "metrics": {}}
 
 
+def _require_git(root: Path) -> None:
+    if not is_git_repo(root):
+        raise LmopsError(f"{root} is not a git repository: the registry keeps versions as git tags")
+
+
 def _versions_raw(root: Path) -> list[dict[str, Any]]:
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
+    _require_git(root)
     try:
         return gto.api.show(str(root), ARTIFACT, table=False)
     except ArtifactNotFound:  # nothing registered yet
@@ -130,8 +136,7 @@ def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
     version. Returns (version, newly registered): a commit already tagged keeps its version."""
     import gto.api
 
-    if not is_git_repo(root):
-        raise LmopsError(f"{root} is not a git repository: the registry keeps versions as git tags")
+    _require_git(root)
     paths = [p for p in REGISTERED_PATHS if (root / p).exists()]
     with _identity(root) as (name, email):
         _git(root, "add", "--", *paths)
@@ -175,6 +180,7 @@ def stage_version(root: Path, stage: str) -> str | None:
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
+    _require_git(root)
     try:
         found = gto.api.show(str(root), f"{ARTIFACT}#{stage}", table=False)
     except ArtifactNotFound:
@@ -185,8 +191,13 @@ def stage_version(root: Path, stage: str) -> str | None:
 def history(root: Path) -> list[dict[str, Any]]:
     """Every registration and stage assignment, oldest first, with its parsed record."""
     import gto.api
+    from gto.exceptions import ArtifactNotFound
 
-    events = gto.api.history(str(root), ARTIFACT, ascending=True, table=False)
+    _require_git(root)
+    try:
+        events = gto.api.history(str(root), ARTIFACT, ascending=True, table=False)
+    except ArtifactNotFound:
+        return []
     # Tags made within one second tie on time; GTO's `#N` counter orders assignments.
     events = sorted(events, key=lambda e: (e["timestamp"], _tag_number(e["ref"])))
     return [

@@ -4,6 +4,8 @@ rule was broken; the server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +29,7 @@ from pydantic import BaseModel, StrictStr
 from lmops.config import ServeConfig
 from serving.batcher import MicroBatcher, Overloaded
 from serving.engine import Engine
+from serving.swap import LiveModel, Resolver, StageWatcher
 from serving.traffic import TrafficLog
 
 
@@ -148,19 +151,45 @@ class Metrics:
             "lmops_queue_depth", "Requests waiting for a batch", registry=self.registry
         )
         self.texts = Counter("lmops_texts", "Texts predicted", registry=self.registry)
-        info = Gauge(
+        self.model_name = model_name
+        self.info = Gauge(
             "lmops_model_info",
             "The model being served and where it runs",
             ["model", "version", "variant", "provider", "device"],
             registry=self.registry,
         )
-        info.labels(
-            model_name, engine.version, engine.variant, engine.providers[0], engine.device
-        ).set(1)
+        self.info.labels(*self._info_labels(engine)).set(1)
+        self.swaps = Counter(
+            "lmops_model_swaps",
+            "Hot swaps to the version the registry stage names, by result (ok, failed)",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("ok", "failed"):
+            self.swaps.labels(result)
+        self.resolve_errors = Counter(
+            "lmops_model_resolve_errors",
+            "Polls where the version to serve could not be resolved (the registry unreadable)",
+            registry=self.registry,
+        )
+
+    def _info_labels(self, engine: Engine) -> tuple[str, ...]:
+        return (self.model_name, engine.version, engine.variant, engine.providers[0], engine.device)
 
     def on_batch(self, size: int, depth: int) -> None:
         self.batch_size.observe(size)
         self.queue_depth.set(depth)
+
+    def swapped(self, old: Engine, new: Engine) -> None:
+        self.info.remove(*self._info_labels(old))
+        self.info.labels(*self._info_labels(new)).set(1)
+        self.swaps.labels("ok").inc()
+
+    def swap_failed(self) -> None:
+        self.swaps.labels("failed").inc()
+
+    def resolve_failed(self) -> None:
+        self.resolve_errors.inc()
 
 
 def _validation_message(err: RequestValidationError) -> tuple[int, str]:
@@ -181,12 +210,22 @@ def _require_json(request: Request) -> None:
         )
 
 
-def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
+def create_app(
+    cfg: ServeConfig, engine: Engine, root: Path, resolve: Resolver | None = None
+) -> FastAPI:
+    """Serve `engine`; given `resolve`, follow the version it names every
+    `serve.poll_seconds` with a hot swap (serving/swap.py)."""
     metrics = Metrics(engine, cfg.model_name)
     traffic = TrafficLog(root / cfg.traffic.dir, cfg.traffic.store_text, cfg.traffic.rotate_mb)
+    live_model = LiveModel(engine)
+
+    def load(version: str, model_dir: Path) -> Engine:
+        return Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
+
+    watcher = None if resolve is None else StageWatcher(live_model, resolve, load, metrics)
 
     batcher = MicroBatcher(
-        engine.predict,
+        live_model.predict,
         cfg.max_batch_size,
         cfg.max_wait_ms,
         cfg.max_queue,
@@ -197,9 +236,14 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.warm_up()
         batcher.start()
+        watching = None if watcher is None else asyncio.create_task(watcher.run(cfg.poll_seconds))
         app.state.ready = True
         yield
         app.state.ready = False
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
         await batcher.drain()
 
     app = FastAPI(title="lmops", lifespan=lifespan)
@@ -245,7 +289,7 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
                 headers={"Retry-After": "1"},
             ) from None
         latency_ms = (time.perf_counter() - started) * 1000
-        traffic.append(request_id, texts, predictions, latency_ms, engine.version)
+        traffic.append(request_id, texts, predictions, latency_ms)
         metrics.texts.inc(len(texts))
         return predictions
 
@@ -259,14 +303,15 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
         return ORJSONResponse(
             {
                 "model": cfg.model_name,
-                "version": engine.version,
+                # One request is answered in one batch, so by one engine.
+                "version": predictions[0].model_version,
                 "request_id": request_id,
                 "predictions": [
                     {
                         "label": p.label,
                         "score": p.score,
                         "probabilities": p.probabilities,
-                        "model_version": engine.version,
+                        "model_version": p.model_version,
                     }
                     for p in predictions
                 ],
@@ -289,6 +334,7 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> dict[str, Any]:
         _known(name)
+        engine = live_model.engine
         return {
             "name": cfg.model_name,
             "versions": [engine.version],
@@ -324,9 +370,10 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
                 f"{len(tensor.data)} elements",
             )
         predictions = await predict(tensor.data, body.id or _request_id(request))
+        labels = list(predictions[0].probabilities)
         return {
             "model_name": cfg.model_name,
-            "model_version": engine.version,
+            "model_version": predictions[0].model_version,
             "id": body.id,
             "outputs": [
                 {
@@ -338,10 +385,8 @@ def create_app(cfg: ServeConfig, engine: Engine, root: Path) -> FastAPI:
                 {
                     "name": "probabilities",
                     "datatype": "FP32",
-                    "shape": [len(predictions), len(engine.labels)],
-                    "data": [
-                        p.probabilities[label] for p in predictions for label in engine.labels
-                    ],
+                    "shape": [len(predictions), len(labels)],
+                    "data": [p.probabilities[label] for p in predictions for label in labels],
                 },
             ],
         }

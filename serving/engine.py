@@ -24,19 +24,33 @@ CPU = "CPUExecutionProvider"
 PADDING_EFFICIENCY = 0.8
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str
     score: float
     probabilities: dict[str, float]
+    # The engine that computed it: after a hot swap, answers still say which model gave them.
+    model_version: str
 
 
 class Engine:
     """Tokenise, pad per length bucket, run the session, softmax."""
 
     def __init__(
-        self, model_dir: Path, require_gpu: bool, max_batch_size: int, threads: int = 0
+        self,
+        model_dir: Path,
+        require_gpu: bool,
+        max_batch_size: int,
+        threads: int = 0,
+        version: str | None = None,
     ) -> None:
+        """`version` labels answers and metrics (a registry version such as "v0.0.3"); by
+        default it is the served variant file's sha256[:12]."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -79,7 +93,7 @@ class Engine:
                 self.session = self._session(model_dir, variant, options, [CPU])
                 self.providers = self.session.get_providers()
         self.variant = variant
-        self.version = self.manifest["variants"][variant]["sha256"][:12]
+        self.version = version or self.manifest["variants"][variant]["sha256"][:12]
         log.info("engine: %s variant of %s on %s", variant, model_dir, self.providers)
         if require_gpu and CUDA not in self.providers:
             raise LmopsError(
@@ -97,16 +111,18 @@ class Engine:
     def device(self) -> str:
         return "cuda" if CUDA in self.providers else "cpu"
 
-    def _run(self, ids: list[list[int]]) -> np.ndarray:
+    def _session_run(self, ids: list[list[int]], names: list[str]) -> list[np.ndarray]:
+        """Pad `ids` to their longest and run the session for the outputs `names`."""
         width = max(len(seq) for seq in ids)
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        logits = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        return self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        return _softmax(self._session_run(ids, ["logits"])[0])
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """Indexes sorted by length, cut so that padding stays under a fifth of a run's
@@ -134,12 +150,26 @@ class Engine:
             probs[chunk] = self._run([ids[i] for i in chunk])
         return probs
 
+    def outputs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities and the pooled embedding per text, both from one session run
+        per chunk (what the drift monitor compares)."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        width = next(o.shape[1] for o in self.session.get_outputs() if o.name == "embedding")
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        embeddings = np.zeros((len(texts), width), dtype=np.float32)
+        for chunk in self._chunks([len(seq) for seq in ids]):
+            logits, pooled = self._session_run([ids[i] for i in chunk], ["logits", "embedding"])
+            probs[chunk] = _softmax(logits)
+            embeddings[chunk] = pooled
+        return probs, embeddings
+
     def predict(self, texts: list[str]) -> list[Prediction]:
         return [
             Prediction(
                 label=self.labels[int(row.argmax())],
                 score=float(row.max()),
                 probabilities={label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                model_version=self.version,
             )
             for row in self.probabilities(texts)
         ]

@@ -38,7 +38,6 @@ class TrafficLog:
         texts: list[str],
         predictions: list[Any],
         latency_ms: float,
-        model_version: str,
     ) -> None:
         now = datetime.now(UTC)
         lines = []
@@ -49,7 +48,7 @@ class TrafficLog:
                 "label": prediction.label,
                 "score": round(prediction.score, 6),
                 "latency_ms": round(latency_ms, 3),
-                "model_version": model_version,
+                "model_version": prediction.model_version,
             }
             if self.store_text:
                 record["text"] = text

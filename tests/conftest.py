@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +139,14 @@ def tiny_validated(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFacto
 
 
 def build_tiny_classifier(
-    raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert"
+    raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert", seed: int = 0
 ) -> dict[str, Path]:
     """Tokenizer, pretrained LM and fine-tuned classifier of the tiny profile, in `root`."""
     from tasks import finetune, pretrain, tokenizer
 
-    params = params_with(tiny_raw(raw), model__architecture=architecture)
+    params = params_with(
+        tiny_raw(raw), model__architecture=architecture, pretrain__seed=seed, finetune__seed=seed
+    )
     dirs = {name: root / name for name in ("tokenizer", "pretrained", "finetuned")}
     tokenizer.run(params.tokenizer, params.model, validated, dirs["tokenizer"], root / "t.json")
     pretrain.run(
@@ -167,3 +170,66 @@ def build_tiny_classifier(
         root / "ft.json",
     )
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_export(
+    repo_params_raw: dict, tiny_validated: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[int], Path]:
+    """`tiny_export(seed)`: the ONNX export (a models/onnx folder) of a tiny classifier trained
+    from that seed, built once per session; different seeds give different answers."""
+    from tasks import export
+
+    built: dict[int, Path] = {}
+
+    def get(seed: int) -> Path:
+        if seed not in built:
+            root = tmp_path_factory.mktemp(f"tiny-export-seed{seed}")
+            dirs = build_tiny_classifier(repo_params_raw, tiny_validated, root, seed=seed)
+            params = params_with(tiny_raw(repo_params_raw))
+            export.run(
+                params.export,
+                params.model,
+                dirs["finetuned"],
+                tiny_validated,
+                root / "onnx",
+                root / "triton",
+            )
+            built[seed] = root / "onnx"
+        return built[seed]
+
+    return get
+
+
+def start_server(command: list[str], cwd: Path, port: int, log: Path) -> subprocess.Popen:
+    """Start a server process (its output to `log`) and wait until /v2/health/ready says so."""
+    import time
+
+    import httpx
+
+    with log.open("w", encoding="utf-8") as output:
+        server = subprocess.Popen(
+            command, cwd=cwd, env=tool_env(), stdout=output, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited:\n{log.read_text('utf-8')}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill()
+    pytest.fail(f"server did not become ready in 60 s:\n{log.read_text('utf-8')}")
+
+
+def stop_server(server: subprocess.Popen) -> int:
+    """SIGTERM, as an orchestrator stops it: the exit status of a graceful shutdown."""
+    server.terminate()
+    try:
+        return server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise

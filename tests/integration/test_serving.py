@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +20,28 @@ import pytest
 
 from lmops.config import apply_overrides, load_params
 from serving.engine import Engine
-from tasks import export
-from tests.conftest import (
-    REPO_ROOT,
-    build_tiny_classifier,
-    free_port,
-    params_with,
-    tiny_raw,
-    tool_env,
-)
+from tests.conftest import REPO_ROOT, free_port, start_server, stop_server, tool_env
 
 
 @pytest.fixture(scope="module")
-def workspace(
-    repo_params_raw: dict, tiny_validated: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def workspace(tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serve")
-    dirs = build_tiny_classifier(repo_params_raw, tiny_validated, root / "build")
-    params = params_with(tiny_raw(repo_params_raw))
-    export.run(
-        params.export,
-        params.model,
-        dirs["finetuned"],
-        tiny_validated,
-        root / "models" / "onnx",
-        root / "models" / "triton",
-    )
+    shutil.copytree(tiny_export(0), root / "models" / "onnx")
     (root / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text("utf-8"), "utf-8")
     return root
-
-
-def _start(root: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
-        cwd=root,
-        env=tool_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited:\n{server.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    pytest.fail("server did not become ready in 60 s")
 
 
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
     port = free_port()
-    process = _start(workspace, port)
+    process = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
+        workspace,
+        port,
+        workspace / "server.log",
+    )
     yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=30)
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +251,7 @@ def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> Non
     from serving.traffic import TrafficLog
 
     log = TrafficLog(tmp_path, store_text=False, rotate_mb=1)
-    log.append("r", ["secret review"], [Prediction("positive", 0.9, {})], 1.0, "v")
+    log.append("r", ["secret review"], [Prediction("positive", 0.9, {}, "v")], 1.0)
     (path,) = tmp_path.glob("*.jsonl")
     record = json.loads(path.read_text("utf-8"))
     assert "text" not in record and len(record["text_sha256"]) == 64

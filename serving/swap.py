@@ -1,0 +1,132 @@
+"""Hot swap: the server follows a registry stage (`lmops serve --stage prod`).
+
+Every `serve.poll_seconds` a resolver names the version that should serve and the local
+directory of its ONNX export; it runs in a thread, since asking the registry may mean git
+and DVC. A new version is loaded and warmed up beside the one serving, then switched in by
+one assignment. The micro-batcher reads the engine once per batch, so a batch is answered
+by one engine, and every prediction names the engine that computed it.
+
+A version that fails to load (or to warm up) leaves the old one serving: it is logged with
+the reason, counted in `/metrics`, and tried again after 2, 4, 8, … polls (at most every
+`MAX_BACKOFF_POLLS`) while the resolver keeps naming it, since a fix may land under the same
+name (a DVC pull that had not finished); a different answer is tried at the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from lmops.errors import LmopsError
+from serving.engine import Engine, Prediction
+
+log = logging.getLogger(__name__)
+
+# Which version should serve now, and the directory of its export (manifest.json, ...).
+Resolver = Callable[[], tuple[str, Path]]
+# Builds the engine for a version from its export directory.
+Loader = Callable[[str, Path], Engine]
+
+MAX_BACKOFF_POLLS = 32
+
+
+class SwapEvents(Protocol):
+    """What the watcher reports (the app's Prometheus metrics)."""
+
+    def swapped(self, old: Engine, new: Engine) -> None: ...
+
+    def swap_failed(self) -> None: ...
+
+    def resolve_failed(self) -> None: ...
+
+
+class LiveModel:
+    """The engine answering now."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def predict(self, texts: list[str]) -> list[Prediction]:
+        # `self.engine` is read once: a swap during this call changes the next batch only.
+        return self.engine.predict(texts)
+
+
+@dataclass
+class _Failure:
+    answer: tuple[str, Path]
+    attempts: int
+    polls_to_wait: int
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, LmopsError) else f"{type(err).__name__}: {err}"
+
+
+class StageWatcher:
+    """Moves `live` to the version `resolve` names, when that one loads."""
+
+    def __init__(
+        self, live: LiveModel, resolve: Resolver, load: Loader, events: SwapEvents
+    ) -> None:
+        self.live, self.resolve, self.load, self.events = live, resolve, load, events
+        self._failure: _Failure | None = None
+
+    async def run(self, poll_seconds: float) -> None:
+        """Poll until cancelled (at shutdown)."""
+        while True:
+            await asyncio.sleep(poll_seconds)
+            await self.poll()
+
+    async def poll(self) -> None:
+        """Ask the resolver once; load, warm up and switch to a new version it names."""
+        serving = self.live.engine.version
+        try:
+            answer = await asyncio.to_thread(self.resolve)
+        except Exception as err:
+            self.events.resolve_failed()
+            log.warning(
+                "model watch: cannot tell which version to serve (%s); still serving %s",
+                _reason(err),
+                serving,
+                exc_info=not isinstance(err, LmopsError),
+            )
+            return
+        version, model_dir = answer
+        if version == serving:
+            self._failure = None
+            return
+        failure = self._failure if self._failure and self._failure.answer == answer else None
+        if failure is not None:
+            failure.polls_to_wait -= 1
+            if failure.polls_to_wait > 0:
+                return
+        try:
+            engine = await asyncio.to_thread(self._load_warm, version, model_dir)
+        except Exception as err:
+            attempts = failure.attempts + 1 if failure else 1
+            wait = min(2**attempts, MAX_BACKOFF_POLLS)
+            self._failure = _Failure(answer, attempts, wait)
+            self.events.swap_failed()
+            log.warning(
+                "model swap to %s (%s) failed, still serving %s: %s (next try in %d polls "
+                "unless the version to serve changes)",
+                version,
+                model_dir,
+                serving,
+                _reason(err),
+                wait,
+            )
+            return
+        old, self.live.engine = self.live.engine, engine
+        self._failure = None
+        self.events.swapped(old, engine)
+        log.info("model swap: now serving %s (%s), was %s", version, engine.variant, old.version)
+
+    def _load_warm(self, version: str, model_dir: Path) -> Engine:
+        engine = self.load(version, model_dir)
+        engine.warm_up()
+        return engine

@@ -1,0 +1,188 @@
+"""The registry and promotion, end to end in a temporary git repo with real GTO tags, real
+DVC and a real Prefect server: concurrent runs, a good candidate through staging to prod,
+a worse one refused with the failing gate named, rollback, the history of all of it, and
+a server on `--stage prod` following the registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lmops import registry
+from lmops.config import apply_overrides, resolve_overrides
+from lmops.errors import LmopsError
+from lmops.workspace import LOCK_FILE
+from tests.conftest import copy_project, free_port, git, start_server, stop_server, tool_env
+
+# The tiny profile fine-tunes one epoch: barely better than a coin. Six epochs make a
+# clearly better model (0.75 vs 0.52 test accuracy when measured), one epoch from another
+# seed a clearly worse one.
+BETTER = ["--set", "finetune.epochs=6", "--set", "finetune.patience=0"]
+WORSE = ["--set", "finetune.epochs=1", "--set", "finetune.seed=1"]
+
+
+def lmops(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmops", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def lmops_background(root: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmops", *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_project(tmp_path_factory.mktemp("registry-project"))
+    git(root, "init", "-q")
+    apply_overrides(root, resolve_overrides(root, "tiny", []))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project under test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(prefect_server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """No git identity at all, as on a fresh machine: the registry must bring its own."""
+    empty = tmp_path_factory.mktemp("no-git-identity")
+    return {**prefect_server["env"], "HOME": str(empty), "GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
+def test_concurrent_runs_wait_or_fail_clearly_and_first_model_reaches_prod(
+    project: Path, env: dict
+) -> None:
+    first = lmops_background(project, env, "run")
+    owner = (project / LOCK_FILE).with_suffix(".owner")
+    deadline = time.monotonic() + 120
+    while not owner.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()
+    params_before = (project / "params.yaml").read_bytes()
+
+    impatient = lmops(project, env, "run", "--set", "orchestration.lock_timeout_minutes=0")
+    assert impatient.returncode == 1
+    assert "another run holds the workspace lock" in impatient.stderr
+    assert "flow-run:" in impatient.stderr  # names the holder
+    assert (project / "params.yaml").read_bytes() == params_before  # never wrote its override
+
+    patient = lmops_background(project, env, "run")
+    first_out, first_err = first.communicate(timeout=900)
+    assert first.returncode == 0, first_err
+    assert "v0.0.1 (newly registered); PROMOTED to prod" in first_out
+    patient_out, patient_err = patient.communicate(timeout=900)
+    assert patient.returncode == 0, patient_err
+    assert "up to date, skipped" in patient_out and " ran\n" not in patient_out
+    assert "v0.0.1 (already registered)" in patient_out
+
+    assert registry.stage_version(project, "prod") == "v0.0.1"
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"], cwd=project, env=tool_env(), capture_output=True
+    )
+    assert b"up to date" in status.stdout
+    # The registration commit was made with lmops's own identity (none is configured).
+    assert "lmops <lmops@localhost>" in git(project, "log", "-1", "--format=%an <%ae>")
+
+
+def test_better_candidate_goes_through_staging_to_prod(project: Path, env: dict) -> None:
+    result = lmops(project, env, "run", *BETTER)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "v0.0.2 (newly registered); PROMOTED to prod: gates passed against v0.0.1" in result.stdout
+    )
+    assert registry.stage_version(project, "prod") == "v0.0.2"
+    events = [
+        (e["event"], e["stage"]) for e in registry.history(project) if e["version"] == "v0.0.2"
+    ]
+    assert events == [("registration", None), ("assignment", "staging"), ("assignment", "prod")]
+
+
+def test_worse_candidate_is_refused_naming_the_gate(project: Path, env: dict) -> None:
+    tags_before = git(project, "tag")
+    result = lmops(project, env, "run", *WORSE)
+    assert result.returncode == 0, result.stderr  # training succeeded; promotion said no
+    assert "v0.0.3 (newly registered); not promoted: refused: accuracy_vs_prod" in result.stdout
+
+    again = lmops(project, env, "promote", "v0.0.3")
+    assert again.returncode == 1
+    assert "error: v0.0.3 not promoted, refused: accuracy_vs_prod" in again.stderr
+    assert "| accuracy_vs_prod | **FAIL** |" in again.stdout  # the report, with numbers
+    assert registry.stage_version(project, "prod") == "v0.0.2"
+    assert registry.stage_version(project, "staging") == "v0.0.2"
+    assert set(git(project, "tag").split()) - set(tags_before.split()) == {"lmops@v0.0.3"}
+    with pytest.raises(LmopsError, match="never been in staging"):
+        registry.assign(project, "v0.0.3", "prod", "test", "skipping staging")
+
+
+def test_models_lists_versions_with_stages_and_metrics(project: Path, env: dict) -> None:
+    result = lmops(project, env, "models")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["version", "stages", "accuracy"]
+    assert lines[1].split()[:2] == ["v0.0.3", "-"]
+    assert lines[2].split()[:2] == ["v0.0.2", "staging,prod"]
+    rows = json.loads(lmops(project, env, "models", "--json").stdout)
+    better, worse = rows[1], rows[0]
+    assert better["accuracy"] > worse["accuracy"]
+
+
+def test_server_on_prod_follows_a_rollback(project: Path, env: dict, tmp_path: Path) -> None:
+    port = free_port()
+    # Poll fast for the test; written like any --set, so the workspace stays consistent.
+    apply_overrides(project, {"serve.poll_seconds": 0.3})
+    server = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
+        project,
+        port,
+        tmp_path / "serve.log",
+    )
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    try:
+        before = httpx.post(url, json={"texts": ["质量很好"]}, timeout=10).json()
+        assert before["version"] == "v0.0.2"
+
+        result = lmops(project, env, "rollback")
+        assert result.returncode == 0, result.stderr
+        assert "prod: v0.0.2 -> v0.0.1" in result.stdout
+
+        deadline, version = time.monotonic() + 30, before["version"]
+        while version != "v0.0.1" and time.monotonic() < deadline:
+            version = httpx.post(url, json={"texts": ["质量很好"]}, timeout=10).json()["version"]
+            time.sleep(0.1)
+        assert version == "v0.0.1"
+    finally:
+        assert stop_server(server) in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+        git(project, "checkout", "--", "params.yaml")
+
+
+def test_history_shows_promotions_refusal_free_and_the_rollback(project: Path, env: dict) -> None:
+    result = lmops(project, env, "models", "--history", "--json")
+    history = json.loads(result.stdout)
+    prod = [(e["version"], e["why"]) for e in history if e["stage"] == "prod"]
+    assert [version for version, _ in prod] == ["v0.0.1", "v0.0.2", "v0.0.1"]
+    assert prod[-1][1] == "rollback from v0.0.2"
+    assert all(e["by"] for e in history)
+    assert any(e["by"].startswith("flow-run:") for e in history)
+    assert history[-1]["by"].startswith("user:")
+    # The refused candidate was registered, never assigned.
+    assert [e["event"] for e in history if e["version"] == "v0.0.3"] == ["registration"]
+    text = lmops(project, env, "models", "--history").stdout
+    assert "rollback from v0.0.2" in text and "accuracy" in text
