@@ -1,0 +1,143 @@
+"""The deployments as a user runs them: a real Prefect server, the `process` work pool,
+`prefect deploy --all` from deployments/prefect.yaml, a real worker, and flow runs
+triggered through the API; everything is read back through the Prefect API."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from lmops.config import apply_overrides, resolve_overrides
+from lmops.stages import STAGES
+from tests.conftest import BIN_DIR, copy_project, git
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class Api:
+    def __init__(self, url: str) -> None:
+        self.client = httpx.Client(base_url=url, timeout=30)
+
+    def post(self, path: str, body: dict | None = None) -> Any:
+        response = self.client.post(path, json=body or {})
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> Any:
+        response = self.client.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    def deployment(self, flow: str, name: str) -> dict[str, Any]:
+        return self.get(f"/deployments/name/{flow}/{name}")
+
+    def wait(self, flow_run_id: str, timeout_s: float = 600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = self.get(f"/flow_runs/{flow_run_id}")
+            if run["state_type"] in FINAL:
+                return run
+            time.sleep(1)
+        pytest.fail(f"flow run {flow_run_id} did not finish in {timeout_s} s")
+
+    def artifacts(self, flow_run_id: str) -> dict[str, str]:
+        found = self.post(
+            "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        )
+        return {a["key"]: a["data"] for a in found}
+
+    def task_states(self, flow_run_id: str) -> dict[str, str]:
+        found = self.post(
+            "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
+        )
+        return {t["name"]: t["state_name"] for t in found}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The project in a fresh git repo, deployed as the README says, with a worker running."""
+    root = copy_project(tmp_path_factory.mktemp("deployed-project"))
+    git(root, "init", "-q")
+    apply_overrides(root, resolve_overrides(root, "tiny", []))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project under test")
+    env = {**prefect_server["env"], "PWD": str(root)}
+    prefect = str(BIN_DIR / "prefect")
+    for command in (
+        [prefect, "work-pool", "create", "lmops", "--type", "process"],
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+    ):
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    log = (root / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "lmops", "--type", "process"],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield {"root": root, "api": Api(prefect_server["api_url"]), "worker_log": root / "worker.log"}
+    worker.send_signal(signal.SIGINT)  # a worker stops on SIGINT, not SIGTERM
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+    log.close()
+
+
+def test_deploy_creates_the_three_deployments_schedules_and_automation(deployed: dict) -> None:
+    api: Api = deployed["api"]
+    training = api.deployment("training", "training")
+    monitoring = api.deployment("monitoring", "monitoring")
+    promotion = api.deployment("promotion", "promotion")
+    assert training["work_pool_name"] == monitoring["work_pool_name"] == "lmops"
+    assert [s["schedule"]["cron"] for s in training["schedules"]] == ["0 3 * * 1"]
+    assert [s["schedule"]["cron"] for s in monitoring["schedules"]] == ["0 * * * *"]
+    assert promotion["schedules"] == []
+    pull = training["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == str(deployed["root"])
+    (automation,) = api.post("/automations/filter")
+    assert automation["name"] == "retrain-on-drift"
+    assert automation["trigger"]["expect"] == ["lmops.drift.detected"]
+    assert automation["actions"][0]["deployment_id"] == training["id"]
+
+
+def test_training_deployment_runs_on_the_worker_and_publishes_artifacts(deployed: dict) -> None:
+    api: Api = deployed["api"]
+    training = api.deployment("training", "training")
+    run = api.post(
+        f"/deployments/{training['id']}/create_flow_run", {"parameters": {"profile": "tiny"}}
+    )
+    finished = api.wait(run["id"])
+    assert finished["state_type"] == "COMPLETED", deployed["worker_log"].read_text()
+
+    artifacts = api.artifacts(run["id"])
+    assert {"data-manifest", "evaluation", "registry"} <= set(artifacts)
+    assert "| train | 1,200 |" in artifacts["data-manifest"]
+    assert "| export | ran | models/onnx (" in artifacts["data-manifest"]  # lock hash shown
+    assert "TF-IDF + LR baseline" in artifacts["evaluation"]
+    assert "Gates: **passed**" in artifacts["evaluation"]
+    assert "confusion.json" in artifacts["evaluation"]
+    assert "**v0.0.1** (newly registered)" in artifacts["registry"]
+    assert "| prod | v0.0.1 |" in artifacts["registry"]
+    (promotion,) = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["promotion"]}}})
+    assert "PROMOTED to prod" in promotion["data"]
+    assert "| min_accuracy | pass |" in promotion["data"]
+    states = api.task_states(run["id"])
+    assert all(states[f"stage-{stage}"] == "Completed" for stage in STAGES)
+
+
+def test_second_run_shows_every_stage_skipped(deployed: dict) -> None:
+    api: Api = deployed["api"]
+    training = api.deployment("training", "training")
+    run = api.post(f"/deployments/{training['id']}/create_flow_run", {"parameters": {}})
+    assert api.wait(run["id"])["state_type"] == "COMPLETED"
+    states = api.task_states(run["id"])
+    assert {states[f"stage-{stage}"] for stage in STAGES} == {"Skipped"}
+    assert "already registered" in api.artifacts(run["id"])["registry"]
