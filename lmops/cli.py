@@ -68,15 +68,11 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
     root = Path.cwd()
     # Bad params fail here, in one line, before a Prefect server is even started.
     parse_params(override(read_raw(root), resolve_overrides(root, profile, set_ or [])))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.exceptions import FailedRun
-
     from flows.training import training
 
-    try:
-        result = training(profile=profile, overrides=set_ or [], project_dir=str(root))
-    except FailedRun as failed:
-        raise LmopsError(str(failed)) from None
+    result = _prefect_run(
+        lambda: training(profile=profile, overrides=set_ or [], project_dir=str(root))
+    )
     _print_summary(result)
 
 
@@ -104,7 +100,23 @@ def _print_summary(result: dict[str, Any]) -> None:
     exported = result["export"]
     refused = "".join(f"; {name} not published: {why}" for name, why in exported["refused"].items())
     typer.echo(f"  onnx       models/onnx/ ({', '.join(exported['variants'])}{refused})")
-    typer.echo("  metrics    reports/metrics.json (dvc metrics show; dvc plots show)\n")
+    typer.echo("  metrics    reports/metrics.json (dvc metrics show; dvc plots show)")
+    registered, promoted = result["registered"], result["promotion"]
+    if registered is None:
+        typer.echo("  registry   not a git repository: the model was not registered")
+    else:
+        typer.echo(
+            f"  registry   {registered['version']}"
+            + (" (newly registered)" if registered["new"] else " (already registered)")
+            + (
+                f"; {'PROMOTED to prod' if promoted['promoted'] else 'not promoted'}: "
+                f"{promoted['why']}"
+                if promoted
+                else ""
+            )
+            + " (lmops models)"
+        )
+    typer.echo("")
     from flows.training import metrics_markdown
 
     typer.echo(metrics_markdown(result["metrics"]))
@@ -123,11 +135,127 @@ def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml."
     STAGES[name](load_params(Path.cwd()), Path.cwd())
 
 
+def _prefect_run(call: Callable[[], Any]) -> Any:
+    """Run a flow in this process; a failed flow run becomes one `error:` line."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.exceptions import FailedRun
+
+    try:
+        return call()
+    except FailedRun as failed:
+        raise LmopsError(str(failed)) from None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@app.command()
+@_user_errors
+def models(
+    history: Annotated[
+        bool, typer.Option("--history", help="Every registration and stage assignment.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the registered model versions (GTO tags), their stages and test metrics."""
+    import json
+
+    from lmops import registry
+
+    root = Path.cwd()
+    rows = registry.history(root) if history else registry.versions(root)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif not rows:
+        typer.echo(f"no version of {registry.ARTIFACT} registered yet (run `lmops run`)")
+    elif history:
+        typer.echo(f"{'when (UTC)':<26} {'event':<13} {'version':<9} {'stage':<8} by / why")
+        for e in rows:
+            figures = ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in e["metrics"].items()
+                if not isinstance(v, dict)
+            )
+            typer.echo(
+                f"{e['when']:<26} {e['event']:<13} {e['version']:<9} {e['stage'] or '-':<8} "
+                f"{e['by']}: {e['why']}" + (f" [{figures}]" if figures else "")
+            )
+    else:
+        typer.echo(
+            f"{'version':<9} {'stages':<14} {'accuracy':>8} {'macro-F1':>8} {'baseline':>8} "
+            f"{'gates':<6} {'commit':<12} registered (UTC)           by"
+        )
+        for r in rows:
+            gates = {True: "passed", False: "FAILED", None: "-"}[r["gates_passed"]]
+            typer.echo(
+                f"{r['version']:<9} {','.join(r['stages']) or '-':<14} {_fmt(r['accuracy']):>8} "
+                f"{_fmt(r['macro_f1']):>8} {_fmt(r['baseline_accuracy']):>8} {gates:<6} "
+                f"{r['commit'][:12]:<12} {r['registered']:<26} {r['by']}"
+            )
+
+
+@app.command()
+@_user_errors
+def promote(
+    version: Annotated[
+        str | None, typer.Argument(help="Version to promote (default: the newest registered).")
+    ] = None,
+) -> None:
+    """Run the promotion flow: VERSION against prod on the same test split; staging then
+    prod when every gate passes. Exit code 1 when a gate fails (nothing changes then)."""
+    from flows.promotion import promotion
+    from lmops import registry
+
+    _log_to_console()
+    result = _prefect_run(
+        lambda: promotion(version=version, project_dir=str(Path.cwd()), by=registry.user_actor())
+    )
+    if "report" in result:
+        typer.echo(result["report"] + "\n")
+    if result["promoted"]:
+        typer.echo(f"promoted {result['version']} to prod (via staging): {result['why']}")
+    elif result.get("failed_gates"):
+        raise LmopsError(f"{result['version']} not promoted, {result['why']}")
+    else:
+        typer.echo(result["why"])
+
+
+@app.command()
+@_user_errors
+def rollback() -> None:
+    """Assign prod back to the previous prod version (recorded in the history)."""
+    from lmops import registry
+    from lmops.config import load_params
+    from lmops.workspace import workspace_lock
+
+    root = Path.cwd()
+    who = registry.user_actor()
+    with workspace_lock(root, load_params(root).orchestration.lock_timeout_minutes, who):
+        current = registry.stage_version(root, "prod")
+        previous = registry.previous_prod(root)
+        if current is None or previous is None:
+            raise LmopsError(
+                f"nothing to roll back to: prod is {current or 'unassigned'} and no earlier "
+                "version was ever in prod"
+            )
+        registry.assign(root, previous, "prod", who, f"rollback from {current}", force=True)
+    typer.echo(f"prod: {current} -> {previous}")
+
+
 @app.command()
 @_user_errors
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default: serve.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the version in this registry stage (e.g. prod) instead of "
+            "serve.model_dir, and hot-swap to a new one when the stage moves (polled every "
+            "serve.poll_seconds)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the exported model with ONNX Runtime: /v1/predict, /v2 (Open Inference
     Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
@@ -140,17 +268,89 @@ def serve(
     _log_to_console()
     root = Path.cwd()
     cfg = load_params(root).serve
-    engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
+    if stage is None:
+        resolve, version, model_dir = None, None, root / cfg.model_dir
+    else:
+        from lmops.registry import stage_resolver
+
+        resolve = stage_resolver(root, stage)
+        version, model_dir = resolve()
+    engine = Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
+    following = "" if stage is None else f", following stage {stage}"
     typer.echo(
-        f"serving {cfg.model_name} {engine.version} ({engine.variant}) on {engine.providers}",
+        f"serving {cfg.model_name} {engine.version} ({engine.variant}) on {engine.providers}"
+        + following,
         err=True,
     )
     uvicorn.run(
-        create_app(cfg, engine, root),
+        create_app(cfg, engine, root, resolve),
         host=host or cfg.host,
         port=cfg.port if port is None else port,
         log_level="warning",
         timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+@_user_errors
+def monitor(
+    traffic: Annotated[
+        Path | None,
+        typer.Option(help="A traffic log file, or a folder of them (default: serve.traffic.dir)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """A drift report now (Evidently): the traffic window against the data the served
+    model was tested on. Writes reports/drift/<UTC time>/ and adds the run to the
+    Evidently workspace (make monitor-ui). Exit code 0 with or without drift, and when
+    there is too little traffic yet (status not_enough_data, no report)."""
+    import contextlib
+    import json
+
+    from lmops.config import load_params
+    from tasks import monitor as drift
+
+    _log_to_console()
+    root = Path.cwd()
+    # Only the result goes to stdout: whatever the libraries print goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = drift.run_project(root, load_params(root), traffic)
+    typer.echo(
+        json.dumps(summary, indent=2, ensure_ascii=False)
+        if as_json
+        else drift.format_summary(summary)
+    )
+
+
+@app.command("simulate-traffic")
+@_user_errors
+def simulate_traffic(
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="in-domain: reviews of the held-out test split; shifted: People's Daily "
+            "news sentences of review-like length."
+        ),
+    ],
+    n: Annotated[int, typer.Option(min=1, help="How many texts to send.")] = 500,
+    url: Annotated[
+        str | None, typer.Option(help="The server (default: http://serve.host:serve.port).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per request.")] = 4,
+    seed: Annotated[int, typer.Option(help="Which texts, in which order.")] = 0,
+) -> None:
+    """Send real texts to a running server's POST /v1/predict, as traffic for the monitor."""
+    from lmops import simulate
+    from lmops.config import load_params
+    from lmops.stages import VALIDATED_DIR
+
+    root = Path.cwd()
+    cfg = load_params(root).serve
+    target = (url or f"http://{cfg.host}:{cfg.port}").rstrip("/")
+    texts = simulate.scenario_texts(scenario, n, seed, root, root / VALIDATED_DIR)
+    answered = simulate.send(target, texts, batch_size)
+    typer.echo(
+        f"{scenario}: sent {len(texts):,} texts to {target}/v1/predict, {answered:,} answered"
     )
 
 

@@ -168,7 +168,66 @@ class ServeConfig(_Strict):
     max_texts_per_request: int = Field(ge=1)
     max_chars_per_text: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)
+    poll_seconds: float = Field(gt=0)
     traffic: TrafficConfig
+
+
+class PromotionConfig(_Strict):
+    max_accuracy_drop: float = Field(ge=0, le=1)
+    max_macro_f1_drop: float = Field(ge=0, le=1)
+    max_latency_increase: float = Field(ge=0)
+    latency_samples: int = Field(ge=10)
+
+
+class OrchestrationConfig(_Strict):
+    lock_timeout_minutes: float = Field(ge=0)
+    stage_timeout_minutes: float = Field(gt=0)
+    retries: int = Field(ge=0)
+    retry_delay_seconds: float = Field(ge=0)
+
+
+NumDriftMethod = Literal["wasserstein", "ks", "psi", "jensenshannon", "hellinger", "kl_div"]
+CatDriftMethod = Literal["jensenshannon", "chisquare", "psi", "hellinger", "kl_div", "TVD"]
+
+
+class MonitorWindowConfig(_Strict):
+    hours: float | None = Field(gt=0)
+    max_rows: int | None = Field(ge=1)
+
+
+class ColumnDriftConfig(_Strict):
+    num_method: NumDriftMethod
+    num_threshold: float = Field(gt=0)
+    cat_method: CatDriftMethod
+    cat_threshold: float = Field(gt=0)
+    drift_share: float = Field(gt=0, le=1)
+
+
+class EmbeddingDriftConfig(_Strict):
+    method: Literal["model", "mmd"]
+    threshold: float = Field(gt=0)
+
+
+class MonitorConfig(_Strict):
+    reference_splits: list[Literal["val", "test"]] = Field(min_length=1)
+    window: MonitorWindowConfig
+    min_rows: int = Field(ge=10)
+    sample_rows: int = Field(ge=50)
+    seed: int
+    columns: ColumnDriftConfig
+    embedding: EmbeddingDriftConfig
+    cooldown_hours: float = Field(ge=0)
+    reports_dir: str = Field(min_length=1)
+    workspace_dir: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _min_rows_fit_the_sample(self) -> MonitorConfig:
+        if self.min_rows > self.sample_rows:
+            raise ValueError(
+                f"monitor.min_rows ({self.min_rows}) must not exceed monitor.sample_rows "
+                f"({self.sample_rows})"
+            )
+        return self
 
 
 class Params(_Strict):
@@ -181,6 +240,9 @@ class Params(_Strict):
     evaluate: EvaluateConfig
     export: ExportConfig
     serve: ServeConfig
+    monitor: MonitorConfig
+    promotion: PromotionConfig
+    orchestration: OrchestrationConfig
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

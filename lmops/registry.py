@@ -315,6 +315,28 @@ def materialize(root: Path, version: str) -> Path:
     return target
 
 
+def materialize_data(root: Path, version: str, path: Path) -> Path:
+    """A DVC-tracked folder (e.g. data/validated) as of the version's commit, fetched once."""
+    from dvc.repo import Repo
+
+    target = root / MATERIALIZED_DIR / f"{version}.{path.name}"
+    if target.is_dir():
+        return target
+    commit = commit_of(root, version)
+    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        Repo.get(str(root), str(path), out=str(scratch), rev=commit)
+    except Exception as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise LmopsError(f"cannot fetch {path} of {version} from DVC: {err}") from err
+    try:
+        os.replace(scratch, target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
     """What a server polls: the version `stage` points at now, and its local export."""
     if stage not in STAGES:

@@ -48,9 +48,11 @@ class Engine:
         max_batch_size: int,
         threads: int = 0,
         version: str | None = None,
+        variant: str | None = None,
     ) -> None:
         """`version` labels answers and metrics (a registry version such as "v0.0.3"); by
-        default it is the served variant file's sha256[:12]."""
+        default it is the served variant file's sha256[:12]. `variant` (fp32, int8, fp16)
+        overrides the manifest's recommendation for the provider."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -76,7 +78,8 @@ class Engine:
         # requests and write answers.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cuda_listed = CUDA in ort.get_available_providers()
-        variant = self.manifest["recommended"][CUDA if cuda_listed else CPU]
+        forced = variant
+        variant = forced or self.manifest["recommended"][CUDA if cuda_listed else CPU]
         self.session = self._session(
             model_dir, variant, options, [CUDA, CPU] if cuda_listed else [CPU]
         )
@@ -87,7 +90,7 @@ class Engine:
                 "missing?); ONNX Runtime runs on %s",
                 self.providers,
             )
-            cpu_variant = self.manifest["recommended"][CPU]
+            cpu_variant = forced or self.manifest["recommended"][CPU]
             if cpu_variant != variant:
                 variant = cpu_variant
                 self.session = self._session(model_dir, variant, options, [CPU])

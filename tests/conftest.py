@@ -233,3 +233,33 @@ def stop_server(server: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         server.kill()
         raise
+
+
+def traffic_record(text: str, when: Any, **fields: Any) -> str:
+    """One line of the traffic log as serving/traffic.py writes it (`when`: aware datetime)."""
+    import json
+
+    return json.dumps(
+        {
+            "timestamp": when.isoformat(timespec="milliseconds"),
+            "request_id": "r",
+            "label": "positive",
+            "score": 0.9,
+            "latency_ms": 1.0,
+            "model_version": "v-test",
+            "text": text,
+            **fields,
+        },
+        ensure_ascii=False,
+    )
+
+
+def write_traffic(folder: Path, texts: list[str], when: Any = None) -> Path:
+    """Append `texts` to `folder`'s traffic log file for the hour of `when` (default: now)."""
+    from datetime import UTC, datetime
+
+    when = when or datetime.now(UTC)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"traffic-{when:%Y%m%dT%H}.jsonl").open("a", encoding="utf-8") as handle:
+        handle.writelines(traffic_record(text, when) + "\n" for text in texts)
+    return folder

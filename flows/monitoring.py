@@ -1,0 +1,161 @@
+"""The monitoring flow: a drift report now (the same run as `lmops monitor`), published as
+the `drift-report` artifact, and on drift the event `lmops.drift.detected` that an
+automation turns into a training run.
+
+The event goes out at most once per `monitor.cooldown_hours`: a drifted window stays
+drifted for hours, and each report would otherwise start another retraining. The last
+trigger is recorded in `<monitor.reports_dir>/last_trigger.json`, so the cooldown
+survives restarts and holds across processes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.events import emit_event
+from prefect.states import Failed
+
+from lmops.atomic import write_json
+from lmops.config import load_params
+from lmops.errors import LmopsError
+
+EVENT = "lmops.drift.detected"
+LAST_TRIGGER = "last_trigger.json"
+RETRIES = 2
+RETRY_DELAY_S = 10
+TIMEOUT_S = 1800
+
+
+def _transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry an OSError (a log file rotated away mid-read, a disk briefly full); a user
+    error or a bug fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=_transient,
+    timeout_seconds=TIMEOUT_S,
+)
+def drift_report(project_dir: str, traffic: str | None) -> dict[str, Any] | State:
+    """The monitor's run (tasks/monitor.py); a user error is a Failed state with its reason."""
+    from tasks import monitor
+
+    root = Path(project_dir)
+    try:
+        return monitor.run_project(root, load_params(root), root / traffic if traffic else None)
+    except LmopsError as err:
+        return Failed(message=str(err))
+
+
+def _last_trigger(path: Path) -> datetime | None:
+    try:
+        return datetime.fromisoformat(json.loads(path.read_text(encoding="utf-8"))["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    rows = summary["rows"]
+    lines = [f"# Drift report — model {summary['model']['version']}", ""]
+    if summary["status"] == "not_enough_data":
+        return "\n".join([*lines, f"**{summary['message']}**: no report written."])
+    checks = summary["checks"]
+    columns, embedding = checks["columns"], checks["embedding"]
+    lines += [
+        f"**Drift {'DETECTED' if summary['drift_detected'] else 'not detected'}** "
+        f"({summary['trigger']})",
+        "",
+        "| check | method | score | threshold | drift |",
+        "|---|---|---:|---:|---|",
+        *(
+            f"| {name} | {c['method']} | {c['score']:.4f} | {c['threshold']:g} | "
+            f"{'yes' if c['drifted'] else 'no'} |"
+            for name, c in columns["per_column"].items()
+        ),
+        f"| **drifted columns** | share | {columns['share']:.4f} | {columns['threshold']:g} | "
+        f"{'**yes**' if columns['drift'] else 'no'} ({columns['drifted']}/{columns['of']}) |",
+        f"| **embedding** | {embedding['method']} | {embedding['score']:.4f} | "
+        f"{embedding['threshold']:g} | {'**yes**' if embedding['drift'] else 'no'} |",
+        "",
+        f"Rows: reference {rows['reference_sampled']:,} of {rows['reference']:,}, current "
+        f"{rows['current_sampled']:,} of {rows['current']:,} "
+        f"({summary['traffic']['corrupt_lines_skipped']:,} corrupt log lines skipped).",
+        "",
+        f"Report: [{summary['report']['html']}]({Path(summary['report']['html']).as_uri()})",
+    ]
+    return "\n".join(lines)
+
+
+def _emit(model_name: str, summary: dict[str, Any]) -> Any:
+    """The event, about the model as a Prefect resource, carrying the monitor's summary."""
+    return emit_event(
+        event=EVENT,
+        resource={
+            "prefect.resource.id": f"lmops.model.{model_name}",
+            "prefect.resource.name": model_name,
+            "lmops.model.version": summary["model"]["version"],
+        },
+        payload=summary,
+    )
+
+
+@flow(name="monitoring", log_prints=True)
+def monitoring(traffic: str | None = None, project_dir: str = ".") -> dict[str, Any] | State:
+    """Run the drift monitor; on drift, emit `lmops.drift.detected` unless within the
+    cooldown. Returns the monitor's summary with `event_emitted` and `trigger` added."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    state = drift_report(str(root), traffic, return_state=True)
+    if state.is_failed():
+        return Failed(message=state.message)
+    summary = state.result()
+    params = load_params(root)
+    cfg = params.monitor
+    event_emitted, trigger = False, "no drift: no event"
+    if summary["drift_detected"]:
+        trigger_path = root / cfg.reports_dir / LAST_TRIGGER
+        now = datetime.now(UTC)
+        last = _last_trigger(trigger_path)
+        if last is not None and now < last + timedelta(hours=cfg.cooldown_hours):
+            trigger = (
+                f"event suppressed by the cooldown: last {EVENT} at {last:%F %T} UTC, the next "
+                f"not before {last + timedelta(hours=cfg.cooldown_hours):%F %T} UTC "
+                f"(monitor.cooldown_hours={cfg.cooldown_hours:g})"
+            )
+        else:
+            event = _emit(params.serve.model_name, summary)
+            if event is None:
+                trigger = f"{EVENT} could not be emitted (no Prefect API reachable)"
+            else:
+                event_emitted, trigger = True, f"emitted {EVENT} (event {event.id})"
+                write_json(
+                    trigger_path,
+                    {
+                        "at": now.isoformat(),
+                        "event_id": str(event.id),
+                        "model_version": summary["model"]["version"],
+                        "report": summary["report"]["html"],
+                    },
+                )
+    summary = {**summary, "event_emitted": event_emitted, "trigger": trigger}
+    logger.info("%s; %s", summary.get("message", "report written"), trigger)
+    create_markdown_artifact(
+        key="drift-report",
+        markdown=_markdown(summary),
+        description="Drift checks of the served traffic against the reference",
+    )
+    return summary

@@ -1,0 +1,89 @@
+"""Simulated traffic for the drift monitor: real texts sent to a running server.
+
+`in-domain`: reviews from the held-out test split (what the model was tested on).
+`shifted`: sentences of People's Daily news (the builtin corpus), cut to review-like
+length, so what drifts is the content and style, not just the length.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lmops.errors import DataError, LmopsError
+
+SCENARIOS = ("in-domain", "shifted")
+# Reviews run from ~10 to ~190 characters (p5-p95); news sentences are kept in that range.
+SENTENCE_CHARS = (10, 200)
+_SENTENCE_END = re.compile(r"(?<=[。！？；!?;])")
+
+
+def in_domain_texts(validated_dir: Path, n: int, seed: int) -> list[str]:
+    """`n` reviews of the test split, in a seeded random order (repeating past its size)."""
+    import pandas as pd
+
+    path = validated_dir / "test.parquet"
+    if not path.is_file():
+        raise DataError(f"no test split at {path} (run the pipeline first)")
+    texts = pd.read_parquet(path, columns=["text"])["text"]
+    return _draw(texts.tolist(), n, seed)
+
+
+def news_sentences(n: int, seed: int, root: Path = Path(".")) -> list[str]:
+    """`n` sentences of the builtin news corpus of review-like length, seeded order."""
+    from lmops.sources import read_corpus
+
+    low, high = SENTENCE_CHARS
+    sentences = [
+        sentence.strip()
+        for doc in read_corpus("builtin:zh-news", root).frame["text"]
+        for sentence in _SENTENCE_END.split(doc)
+        if low <= len(sentence.strip()) <= high
+    ]
+    return _draw(sentences, n, seed)
+
+
+def _draw(texts: list[str], n: int, seed: int) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < n:
+        order.extend(rng.permutation(len(texts)).tolist())
+    return [texts[i] for i in order[:n]]
+
+
+def scenario_texts(scenario: str, n: int, seed: int, root: Path, validated_dir: Path) -> list[str]:
+    if scenario == "in-domain":
+        return in_domain_texts(validated_dir, n, seed)
+    if scenario == "shifted":
+        return news_sentences(n, seed, root)
+    raise LmopsError(f"unknown scenario {scenario!r} (known: {', '.join(SCENARIOS)})")
+
+
+def send(url: str, texts: list[str], batch_size: int) -> int:
+    """POST the texts to `{url}/v1/predict` in batches; returns how many were answered."""
+    import httpx
+
+    answered = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            try:
+                response = client.post("/v1/predict", json={"texts": batch})
+            except httpx.TransportError as err:
+                raise LmopsError(
+                    f"cannot reach the server at {url} ({type(err).__name__}: {err}); "
+                    "start it with `lmops serve`"
+                ) from None
+            if response.status_code != 200:
+                try:
+                    reason = response.json().get("error", response.text)
+                except ValueError:
+                    reason = response.text
+                raise LmopsError(
+                    f"{url}/v1/predict answered {response.status_code} after {answered:,} "
+                    f"texts: {reason}"
+                )
+            answered += len(response.json()["predictions"])
+    return answered

@@ -1,0 +1,522 @@
+"""Drift monitor: the served traffic against the data the watched model was tested on.
+
+Reference: the held-out splits of data/validated (`monitor.reference_splits`). Current: the
+traffic log's window (`monitor.window`). Both sides are sampled to `monitor.sample_rows`
+and run through the same ONNX export (`serving.engine.Engine`, its fp32 graph), so the
+prediction columns and embeddings of both come from the one model being watched: a hot swap
+in the middle of the window is not mistaken for drift (the versions that served the window
+are counted).
+
+Two checks, decided together (single columns flicker on in-domain windows):
+- columns: Evidently `ValueDrift` on text descriptors (length, a CJK-aware word count, the
+  share of non-letter characters, the tokenizer's unknown-token rate) and on the model's
+  output (label shares, score); drift when at least `columns.drift_share` of them drift;
+- embedding: Evidently `EmbeddingsDrift` on the pooled sentence embeddings; drift when its
+  score reaches `embedding.threshold`.
+
+Each run writes `<reports_dir>/<UTC time>/` (report.html, report.json, summary.json) and
+adds the snapshot to the local Evidently workspace, whose dashboard shows drift over time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmops.atomic import atomic_dir, write_json
+from lmops.config import MonitorConfig, MonitorWindowConfig, Params
+from lmops.errors import DataError, LmopsError
+
+log = logging.getLogger(__name__)
+
+DESCRIPTORS = ("text_length", "word_count", "non_letter_pct", "unknown_token_rate")
+PREDICTIONS = ("label", "score")
+COLUMNS = DESCRIPTORS + PREDICTIONS
+EMBEDDING = "embedding"
+PROJECT = "lmops drift"
+# The export's fp32 graph, whatever the server runs: int8's dynamic quantisation makes a
+# text's embedding depend on the texts it shares a batch with. On the tiny test model that
+# alone made 2 of 17 in-domain windows look drifted (embedding classifier AUC 0.61 and 0.66;
+# fp32: at most 0.52); on the cpu-demo model both variants agree (at most 0.55).
+VARIANT = "fp32"
+LATEST = "latest.json"
+TRAFFIC_FILE = re.compile(r"traffic-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl")
+# A CJK ideograph is a word of its own (as word processors count Chinese); any other run
+# of letters or digits is one word. Evidently's WordCount keeps only [a-zA-Z ]: 0 on Chinese.
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+def reference_model(root: Path, params: Params) -> tuple[str, Path, Path]:
+    """The model being watched: its version, its ONNX export folder, and the validated data
+    it was trained and tested on.
+
+    The registry's prod version when there is one (export and data as of its commit, from
+    DVC); otherwise the workspace's export at `serve.model_dir`, versioned as a CPU server
+    names it by default (its variant file's sha256[:12]), with the workspace's data.
+    """
+    from lmops import registry
+    from lmops.stages import VALIDATED_DIR
+
+    prod = registry.stage_version(root, "prod") if registry.is_git_repo(root) else None
+    if prod is not None:
+        return (
+            prod,
+            registry.materialize(root, prod),
+            registry.materialize_data(root, prod, VALIDATED_DIR),
+        )
+    model_dir = root / params.serve.model_dir
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise LmopsError(f"no exported model in {model_dir} (run the export stage first)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    variant = manifest["recommended"]["CPUExecutionProvider"]
+    return manifest["variants"][variant]["sha256"][:12], model_dir, root / VALIDATED_DIR
+
+
+@dataclass
+class TrafficWindow:
+    """The current window's rows (oldest first) and what reading the log skipped."""
+
+    texts: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    files: int = 0
+    lines: int = 0
+    corrupt: int = 0
+    hashed_only: int = 0
+    outside_window: int = 0
+    over_max_rows: int = 0
+    start: datetime | None = None
+
+
+def _traffic_files(path: Path, start: datetime | None) -> list[Path]:
+    """The log files to read, newest first; hourly files wholly before `start` are left."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(
+            f"no traffic log at {path} (serve.traffic.dir, or --traffic): start the server "
+            "(lmops serve) and send it requests first"
+        )
+    named = []
+    for candidate in path.iterdir():
+        match = TRAFFIC_FILE.fullmatch(candidate.name)
+        if match:
+            hour = datetime.strptime(match.group(1), "%Y%m%dT%H").replace(tzinfo=UTC)
+            if start is None or hour + timedelta(hours=1) > start:
+                named.append((hour, int(match.group(2) or 0), candidate))
+    return [p for *_, p in sorted(named, reverse=True)]
+
+
+def _record(line: str) -> tuple[datetime, str | None, str] | None:
+    """(timestamp, text or None when only its hash was stored, model version), or None
+    when the line is not a traffic record (a write cut short, a hand edit)."""
+    try:
+        record = json.loads(line)
+        stamp = datetime.fromisoformat(record["timestamp"])
+        text, digest = record.get("text"), record.get("text_sha256")
+        valid = (
+            isinstance(record["label"], str)
+            and isinstance(record["score"], int | float)
+            and isinstance(record["model_version"], str)
+            and (isinstance(text, str) or isinstance(digest, str))
+        )
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not valid:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC), text, record["model_version"]
+
+
+def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> TrafficWindow:
+    """The window's texts: the last `window.hours` before `now`, at most the newest
+    `window.max_rows`. Files are read newest first and reading stops once enough rows
+    are in hand, so a long history costs nothing."""
+    start = now - timedelta(hours=window.hours) if window.hours is not None else None
+    result = TrafficWindow(start=start)
+    rows: list[tuple[datetime, str, str]] = []
+    for path_ in _traffic_files(path, start):
+        if window.max_rows is not None and len(rows) >= window.max_rows:
+            break
+        result.files += 1
+        with path_.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                result.lines += 1
+                parsed = _record(line)
+                if parsed is None:
+                    result.corrupt += 1
+                elif start is not None and parsed[0] < start:
+                    result.outside_window += 1
+                elif parsed[1] is None:
+                    result.hashed_only += 1
+                else:
+                    rows.append(parsed)  # type: ignore[arg-type]
+    rows.sort(key=lambda row: row[0])
+    if window.max_rows is not None and len(rows) > window.max_rows:
+        result.over_max_rows = len(rows) - window.max_rows
+        rows = rows[-window.max_rows :]
+    result.texts = [text for _, text, _ in rows]
+    result.versions = [version for *_, version in rows]
+    if not rows and result.hashed_only:
+        raise DataError(
+            f"the traffic log in {path} holds only text hashes ({result.hashed_only:,} records "
+            "in the window): the monitor needs the texts. Set serve.traffic.store_text: true "
+            "and restart the server"
+        )
+    return result
+
+
+def _reference_texts(validated_dir: Path, splits: list[str]) -> list[str]:
+    import pandas as pd
+
+    paths = [validated_dir / f"{split}.parquet" for split in splits]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"no reference data: {', '.join(missing)} missing (run the pipeline)")
+    return pd.concat([pd.read_parquet(p, columns=["text"]) for p in paths])["text"].tolist()
+
+
+def _sample(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted row indexes of a fixed-seed sample of at most `size` of `count` rows."""
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
+def _frame(engine: Any, texts: list[str]) -> Any:
+    """Texts with the model's label, score and embedding (one column per dimension)."""
+    import pandas as pd
+
+    probabilities, embeddings = engine.outputs(texts)
+    frame = pd.DataFrame(
+        {
+            "text": texts,
+            "label": [engine.labels[i] for i in probabilities.argmax(axis=1)],
+            "score": probabilities.max(axis=1).astype(float),
+        }
+    )
+    dims = pd.DataFrame(embeddings, columns=[f"emb_{i}" for i in range(embeddings.shape[1])])
+    return pd.concat([frame, dims], axis=1)
+
+
+def _descriptors(tokenizer: Any) -> list[Any]:
+    import pandas as pd
+    from evidently.core.datasets import DatasetColumn
+    from evidently.descriptors import (
+        CustomColumnDescriptor,
+        NonLetterCharacterPercentage,
+        TextLength,
+    )
+
+    unknown_id = tokenizer.token_to_id("[UNK]")
+
+    def word_count(column: DatasetColumn) -> DatasetColumn:
+        return DatasetColumn("num", column.data.map(lambda text: len(WORD.findall(text))))
+
+    def unknown_token_rate(column: DatasetColumn) -> DatasetColumn:
+        """Share of the tokens the model sees that are [UNK] (the built-in OOV descriptor
+        needs an NLTK download: impossible offline, and English anyway)."""
+        encodings = tokenizer.encode_batch(column.data.tolist(), add_special_tokens=False)
+        rates = [e.ids.count(unknown_id) / len(e.ids) if e.ids else 0.0 for e in encodings]
+        return DatasetColumn("num", pd.Series(rates, index=column.data.index))
+
+    return [
+        TextLength("text", alias="text_length"),
+        CustomColumnDescriptor("text", word_count, alias="word_count"),
+        NonLetterCharacterPercentage("text", alias="non_letter_pct"),
+        CustomColumnDescriptor("text", unknown_token_rate, alias="unknown_token_rate"),
+    ]
+
+
+def _embedding_method(cfg: MonitorConfig) -> Any:
+    from evidently.metrics.embeddings import MMDDriftMethod, ModelDriftMethod
+
+    if cfg.embedding.method == "mmd":
+        return MMDDriftMethod(threshold=cfg.embedding.threshold)
+    return ModelDriftMethod(threshold=cfg.embedding.threshold)
+
+
+def _report(cfg: MonitorConfig, engine: Any, reference: Any, current: Any, now: datetime) -> Any:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.presets import DataDriftPreset
+
+    dims = [c for c in reference.columns if c.startswith("emb_")]
+    definition = DataDefinition(
+        text_columns=["text"],
+        categorical_columns=["label"],
+        numerical_columns=["score", *dims],
+        embeddings={EMBEDDING: dims},
+    )
+    descriptors = _descriptors(engine.tokenizer)
+    datasets = [
+        Dataset.from_pandas(frame, data_definition=definition, descriptors=descriptors)
+        for frame in (current, reference)
+    ]
+    columns = cfg.columns
+    report = Report(
+        [
+            DataDriftPreset(
+                columns=list(COLUMNS),
+                num_method=columns.num_method,
+                num_threshold=columns.num_threshold,
+                cat_method=columns.cat_method,
+                cat_threshold=columns.cat_threshold,
+                drift_share=columns.drift_share,
+            ),
+            EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=_embedding_method(cfg)),
+        ],
+        include_tests=True,
+    )
+    from threadpoolctl import threadpool_limits
+
+    # Evidently draws the embeddings' t-SNE picture with OpenMP threads; beside a busy server
+    # they oversubscribe the cores and wait on each other: 25 s instead of 1 s for 300 rows.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return report.run(*datasets, timestamp=now.replace(tzinfo=None), name=f"drift {now:%F %T}")
+
+
+def _checks(cfg: MonitorConfig, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Per-column and embedding figures read back from the snapshot, and the verdict."""
+    metrics = {m["config"]["type"].rsplit(":", 1)[-1]: m for m in snapshot["metrics"]}
+    drifted = {
+        t["metric_config"]["params"]["column"]: t["status"] == "FAIL"
+        for t in snapshot["tests"]
+        if t["metric_config"]["params"]["type"].endswith(":ValueDrift")
+    }
+    columns = {}
+    for metric in snapshot["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith(":ValueDrift"):
+            columns[config["column"]] = {
+                "method": config["method"],
+                "score": round(float(metric["value"]), 5),
+                "threshold": config["threshold"],
+                "drifted": drifted[config["column"]],
+            }
+    count = metrics["DriftedColumnsCount"]["value"]
+    share = float(count["share"])
+    embedding_score = float(metrics["EmbeddingsDrift"]["value"])
+    columns_drifted = share >= cfg.columns.drift_share
+    embedding_drifted = embedding_score >= cfg.embedding.threshold
+    return {
+        "drift_detected": columns_drifted or embedding_drifted,
+        "checks": {
+            "columns": {
+                "drifted": int(count["count"]),
+                "of": len(columns),
+                "share": round(share, 4),
+                "threshold": cfg.columns.drift_share,
+                "drift": columns_drifted,
+                "per_column": columns,
+            },
+            "embedding": {
+                "method": cfg.embedding.method,
+                "score": round(embedding_score, 5),
+                "threshold": cfg.embedding.threshold,
+                "drift": embedding_drifted,
+            },
+        },
+    }
+
+
+def _project(workspace: Any) -> Any:
+    """The workspace's drift project, created with its dashboard on first use."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+
+    found = workspace.search_project(PROJECT)
+    if found:
+        return found[0]
+    project = workspace.create_project(PROJECT, description="lmops monitor: served traffic")
+    panels = [
+        line_plot_panel(
+            "Share of drifted columns",
+            [PanelMetric(metric="DriftedColumnsCount", metric_labels={"value_type": "share"})],
+            size="half",
+        ),
+        line_plot_panel(
+            "Embedding drift score", [PanelMetric(metric="EmbeddingsDrift")], size="half"
+        ),
+        line_plot_panel(
+            "Drift score per column",
+            [
+                PanelMetric(legend=c, metric="ValueDrift", metric_labels={"column": c})
+                for c in COLUMNS
+            ],
+        ),
+    ]
+    for panel in panels:
+        project.dashboard.add_panel(panel)
+    return project
+
+
+def _run_dir(reports_dir: Path, now: datetime) -> Path:
+    stem = f"{now:%Y%m%dT%H%M%SZ}"
+    target, n = reports_dir / stem, 1
+    while target.exists():
+        n += 1
+        target = reports_dir / f"{stem}-{n}"
+    return target
+
+
+def run(
+    cfg: MonitorConfig,
+    model_dir: Path,
+    model_version: str,
+    traffic: Path,
+    validated_dir: Path,
+    reports_dir: Path,
+    workspace_dir: Path,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """One monitoring run; returns its summary (also written as summary.json and, for the
+    latest run, `<reports_dir>/latest.json`). Too little traffic is a result, not an error:
+    `status: not_enough_data`, no report."""
+    started = time.perf_counter()
+    now = now or datetime.now(UTC)
+    window = read_traffic(traffic, cfg.window, now)
+    versions = Counter(window.versions)
+    summary: dict[str, Any] = {
+        "status": "ok",
+        "drift_detected": False,
+        "created_at": now.isoformat(timespec="seconds"),
+        "model": {"version": model_version, "dir": str(model_dir)},
+        "traffic": {
+            "path": str(traffic),
+            "window_start": window.start.isoformat(timespec="seconds") if window.start else None,
+            "window_end": now.isoformat(timespec="seconds"),
+            "files_read": window.files,
+            "lines_read": window.lines,
+            "corrupt_lines_skipped": window.corrupt,
+            "hashed_only_skipped": window.hashed_only,
+            "outside_window": window.outside_window,
+            "over_max_rows": window.over_max_rows,
+            "served_by": dict(versions.most_common()),
+        },
+        "rows": {"current": len(window.texts), "min_rows": cfg.min_rows},
+    }
+    if len(window.texts) < cfg.min_rows:
+        summary["status"] = "not_enough_data"
+        summary["message"] = (
+            f"not enough data (n={len(window.texts)} < min {cfg.min_rows}) in the window"
+            + (f" since {window.start:%F %H:%M} UTC" if window.start else "")
+        )
+        write_json(reports_dir / LATEST, summary)
+        return summary
+
+    from serving.engine import Engine
+
+    engine = Engine(model_dir, require_gpu=False, max_batch_size=64, variant=VARIANT)
+    reference_texts = _reference_texts(validated_dir, cfg.reference_splits)
+    reference_rows = _sample(len(reference_texts), cfg.sample_rows, cfg.seed)
+    current_rows = _sample(len(window.texts), cfg.sample_rows, cfg.seed + 1)
+    loaded = time.perf_counter()
+    reference = _frame(engine, [reference_texts[i] for i in reference_rows])
+    current = _frame(engine, [window.texts[i] for i in current_rows])
+    inferred = time.perf_counter()
+    snapshot = _report(cfg, engine, reference, current, now)
+    reported = time.perf_counter()
+    summary.update(_checks(cfg, snapshot.dict()))
+    summary["model"]["variant"] = engine.variant
+    summary["rows"].update(
+        reference=len(reference_texts),
+        reference_sampled=len(reference_rows),
+        current_sampled=len(current_rows),
+    )
+    run_dir = _run_dir(reports_dir, now)
+    summary["report"] = {
+        "dir": str(run_dir),
+        "html": str(run_dir / "report.html"),
+        "json": str(run_dir / "report.json"),
+        "summary": str(run_dir / "summary.json"),
+    }
+    from evidently.ui.workspace import Workspace
+
+    workspace = Workspace.create(str(workspace_dir))
+    workspace.add_run(_project(workspace).id, snapshot, include_data=False)
+    summary["workspace"] = str(workspace_dir)
+    with atomic_dir(run_dir) as scratch:
+        snapshot.save_html(str(scratch / "report.html"))
+        snapshot.save_json(str(scratch / "report.json"))
+        summary["seconds"] = {
+            "read_traffic_and_load": round(loaded - started, 3),
+            "model": round(inferred - loaded, 3),
+            "report": round(reported - inferred, 3),
+            "total": round(time.perf_counter() - started, 3),
+        }
+        write_json(scratch / "summary.json", summary)
+    write_json(reports_dir / LATEST, summary)
+    log.info(
+        "monitor: drift %s (columns %d/%d, embedding %.3f) on %d current rows; report %s",
+        "DETECTED" if summary["drift_detected"] else "not detected",
+        summary["checks"]["columns"]["drifted"],
+        summary["checks"]["columns"]["of"],
+        summary["checks"]["embedding"]["score"],
+        len(window.texts),
+        run_dir / "report.html",
+    )
+    return summary
+
+
+def run_project(root: Path, params: Params, traffic: Path | None = None) -> dict[str, Any]:
+    """`run` with the project's paths: what `lmops monitor` and the monitoring flow call."""
+    version, model_dir, validated_dir = reference_model(root, params)
+    cfg = params.monitor
+    return run(
+        cfg,
+        model_dir,
+        version,
+        traffic or root / params.serve.traffic.dir,
+        validated_dir,
+        root / cfg.reports_dir,
+        root / cfg.workspace_dir,
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The plain-text form `lmops monitor` prints."""
+    traffic, rows = summary["traffic"], summary["rows"]
+    skipped = (
+        f"; skipped {traffic['corrupt_lines_skipped']:,} corrupt line(s)"
+        if traffic["corrupt_lines_skipped"]
+        else ""
+    )
+    head = f"model {summary['model']['version']}; traffic {traffic['path']}{skipped}"
+    if summary["status"] == "not_enough_data":
+        return f"{head}\n{summary['message']}: no report written"
+    checks = summary["checks"]
+    lines = [
+        head,
+        f"rows: reference {rows['reference_sampled']:,} (of {rows['reference']:,}), current "
+        f"{rows['current_sampled']:,} (of {rows['current']:,})",
+        "",
+        f"{'check':<20} {'method':<16} {'score':>8} {'threshold':>9}  drift",
+    ]
+    for name, column in checks["columns"]["per_column"].items():
+        lines.append(
+            f"{name:<20} {column['method'][:16]:<16} {column['score']:>8.4f} "
+            f"{column['threshold']:>9.4g}  {'yes' if column['drifted'] else 'no'}"
+        )
+    cols, emb = checks["columns"], checks["embedding"]
+    lines += [
+        f"{'drifted columns':<20} {'share':<16} {cols['share']:>8.4f} {cols['threshold']:>9.4g}  "
+        f"{'YES' if cols['drift'] else 'no'} ({cols['drifted']}/{cols['of']})",
+        f"{'embedding':<20} {emb['method']:<16} {emb['score']:>8.4f} {emb['threshold']:>9.4g}  "
+        f"{'YES' if emb['drift'] else 'no'}",
+        "",
+        f"drift detected: {'YES' if summary['drift_detected'] else 'no'}",
+        f"report: {summary['report']['html']}",
+    ]
+    return "\n".join(lines)
