@@ -1,12 +1,16 @@
 """The deployments as a user runs them: a real Prefect server, the `process` work pool,
-`prefect deploy --all` from deployments/prefect.yaml, a real worker, and flow runs
-triggered through the API; everything is read back through the Prefect API."""
+`prefect deploy --all` from deployments/prefect.yaml, a real worker, flow runs triggered
+through the API or by the drift automation, a real `lmops serve`; everything is read
+back through the Prefect API. The tests build on each other, in order."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +18,15 @@ import pytest
 
 from lmops.config import apply_overrides, resolve_overrides
 from lmops.stages import STAGES
-from tests.conftest import BIN_DIR, copy_project, git
+from tests.conftest import (
+    BIN_DIR,
+    copy_project,
+    free_port,
+    git,
+    start_server,
+    stop_server,
+    tool_env,
+)
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -141,3 +153,71 @@ def test_second_run_shows_every_stage_skipped(deployed: dict) -> None:
     states = api.task_states(run["id"])
     assert {states[f"stage-{stage}"] for stage in STAGES} == {"Skipped"}
     assert "already registered" in api.artifacts(run["id"])["registry"]
+
+
+def test_drift_closes_the_loop_through_the_automation(deployed: dict, tmp_path: Path) -> None:
+    """Served shifted traffic → the monitoring deployment → `lmops.drift.detected` → the
+    automation starts the training deployment → that run completes."""
+    api: Api = deployed["api"]
+    root: Path = deployed["root"]
+    training = api.deployment("training", "training")
+    monitoring = api.deployment("monitoring", "monitoring")
+    started = datetime.now(UTC)
+
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
+        root,
+        port,
+        tmp_path / "serve.log",
+    )
+    try:
+        sent = subprocess.run(
+            [sys.executable, "-m", "lmops", "simulate-traffic", "--scenario", "shifted"]
+            + ["--n", "300", "--url", f"http://127.0.0.1:{port}"],
+            cwd=root,
+            env=tool_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "sent 300 texts" in sent.stdout and "300 answered" in sent.stdout
+    finally:
+        stop_server(server)
+
+    run = api.post(f"/deployments/{monitoring['id']}/create_flow_run", {"parameters": {}})
+    finished = api.wait(run["id"])
+    assert finished["state_type"] == "COMPLETED", deployed["worker_log"].read_text()
+    report = api.artifacts(run["id"])["drift-report"]
+    assert "Drift DETECTED" in report and "model v0.0.1" in report
+
+    deadline, events = time.monotonic() + 60, []
+    while not events and time.monotonic() < deadline:  # events are stored asynchronously
+        events = api.post(
+            "/events/filter",
+            {
+                "filter": {
+                    "event": {"name": ["lmops.drift.detected"]},
+                    "occurred": {"since": started.isoformat()},
+                },
+                "limit": 10,
+            },
+        )["events"]
+        time.sleep(0.5)
+    assert len(events) == 1
+    assert events[0]["payload"]["drift_detected"] is True
+    assert events[0]["resource"]["prefect.resource.id"] == "lmops.model.lmops"
+
+    deadline, triggered = time.monotonic() + 120, []
+    while not triggered and time.monotonic() < deadline:
+        triggered = api.post(
+            "/flow_runs/filter",
+            {
+                "flow_runs": {"expected_start_time": {"after_": started.isoformat()}},
+                "deployments": {"id": {"any_": [training["id"]]}},
+            },
+        )
+        time.sleep(1)
+    assert len(triggered) == 1, "the automation did not start the training deployment"
+    assert api.wait(triggered[0]["id"])["state_type"] == "COMPLETED"
