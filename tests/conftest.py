@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
-from lmops.config import Params, override, parse_params, profile_overrides
+from lmops.config import (
+    Params,
+    apply_overrides,
+    override,
+    parse_params,
+    profile_overrides,
+    resolve_overrides,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
@@ -56,6 +63,16 @@ def copy_project(dest: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     return dest
+
+
+def tiny_git_project(dest: Path) -> Path:
+    """The project in `dest` as a fresh git repo, the tiny profile applied and committed."""
+    root = copy_project(dest)
+    git(root, "init", "-q")
+    apply_overrides(root, resolve_overrides(root, "tiny", []))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project under test")
+    return root
 
 
 def git(cwd: Path, *args: str) -> str:

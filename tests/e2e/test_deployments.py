@@ -16,15 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
-from lmops.config import apply_overrides, resolve_overrides
 from lmops.stages import STAGES
 from tests.conftest import (
     BIN_DIR,
-    copy_project,
     free_port,
-    git,
     start_server,
     stop_server,
+    tiny_git_project,
     tool_env,
 )
 
@@ -73,11 +71,7 @@ class Api:
 @pytest.fixture(scope="module")
 def deployed(prefect_server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The project in a fresh git repo, deployed as the README says, with a worker running."""
-    root = copy_project(tmp_path_factory.mktemp("deployed-project"))
-    git(root, "init", "-q")
-    apply_overrides(root, resolve_overrides(root, "tiny", []))
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "project under test")
+    root = tiny_git_project(tmp_path_factory.mktemp("deployed-project"))
     env = {**prefect_server["env"], "PWD": str(root)}
     prefect = str(BIN_DIR / "prefect")
     for command in (

@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from lmops.config import apply_overrides, resolve_overrides
 from lmops.stages import STAGES
-from tests.conftest import copy_project, git, tool_env, tree_digest
+from tests.conftest import tiny_git_project, tool_env, tree_digest
 
 UP_TO_DATE = "Data and pipelines are up to date."
 
@@ -47,11 +46,7 @@ def _lmops_run(root: Path, server: dict[str, Any], *args: str) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    git(root, "init", "-q")
-    apply_overrides(root, resolve_overrides(root, "tiny", []))
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "project under test")
+    root = tiny_git_project(tmp_path_factory.mktemp("project"))
     return root
 
 

@@ -16,10 +16,17 @@ import httpx
 import pytest
 
 from lmops import registry
-from lmops.config import apply_overrides, resolve_overrides
+from lmops.config import apply_overrides
 from lmops.errors import LmopsError
 from lmops.workspace import LOCK_FILE
-from tests.conftest import copy_project, free_port, git, start_server, stop_server, tool_env
+from tests.conftest import (
+    free_port,
+    git,
+    start_server,
+    stop_server,
+    tiny_git_project,
+    tool_env,
+)
 
 # The tiny profile fine-tunes one epoch: barely better than a coin. Six epochs make a
 # clearly better model (0.75 vs 0.52 test accuracy when measured), one epoch from another
@@ -52,11 +59,7 @@ def lmops_background(root: Path, env: dict[str, str], *args: str) -> subprocess.
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("registry-project"))
-    git(root, "init", "-q")
-    apply_overrides(root, resolve_overrides(root, "tiny", []))
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "project under test")
+    root = tiny_git_project(tmp_path_factory.mktemp("registry-project"))
     return root
 
 
