@@ -116,6 +116,7 @@ def _print_summary(result: dict[str, Any]) -> None:
             )
             + " (lmops models)"
         )
+        typer.echo("  serve      lmops serve --stage prod (follows prod; make serve: models/onnx/)")
     typer.echo("")
     from flows.training import metrics_markdown
 
