@@ -139,6 +139,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     log.close()
 
 
+def latest_artifact(api_url: str, key: str) -> dict[str, Any]:
+    """The newest Prefect artifact with this key (the session's server is shared)."""
+    import httpx
+
+    response = httpx.post(
+        f"{api_url}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
+        timeout=30,
+    )
+    response.raise_for_status()
+    (artifact,) = response.json()
+    return artifact
+
+
 def tiny_raw(raw: dict[str, Any]) -> dict[str, Any]:
     """The repository's params with the `tiny` profile applied."""
     return override(raw, profile_overrides(REPO_ROOT, "tiny"))

@@ -20,6 +20,7 @@ from lmops.stages import STAGES
 from tests.conftest import (
     BIN_DIR,
     free_port,
+    latest_artifact,
     start_server,
     stop_server,
     tiny_git_project,
@@ -88,7 +89,12 @@ def deployed(prefect_server: dict[str, Any], tmp_path_factory: pytest.TempPathFa
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    yield {"root": root, "api": Api(prefect_server["api_url"]), "worker_log": root / "worker.log"}
+    yield {
+        "root": root,
+        "api": Api(prefect_server["api_url"]),
+        "api_url": prefect_server["api_url"],
+        "worker_log": root / "worker.log",
+    }
     worker.send_signal(signal.SIGINT)  # a worker stops on SIGINT, not SIGTERM
     try:
         worker.wait(timeout=30)
@@ -132,7 +138,7 @@ def test_training_deployment_runs_on_the_worker_and_publishes_artifacts(deployed
     assert "confusion.json" in artifacts["evaluation"]
     assert "**v0.0.1** (newly registered)" in artifacts["registry"]
     assert "| prod | v0.0.1 |" in artifacts["registry"]
-    (promotion,) = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["promotion"]}}})
+    promotion = latest_artifact(deployed["api_url"], "promotion")
     assert "PROMOTED to prod" in promotion["data"]
     assert "| min_accuracy | pass |" in promotion["data"]
     states = api.task_states(run["id"])

@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from lmops.stages import STAGES
-from tests.conftest import tiny_git_project, tool_env, tree_digest
+from tests.conftest import latest_artifact, tiny_git_project, tool_env, tree_digest
 
 UP_TO_DATE = "Data and pipelines are up to date."
 
@@ -89,22 +88,11 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
     assert "train 1,200 / val 150 / test 150" in result.stdout
     assert UP_TO_DATE in _dvc(project, "status").stdout
 
-    response = httpx.post(
-        f"{prefect_server['api_url']}/artifacts/filter",
-        json={"artifacts": {"key": {"any_": ["data-manifest"]}}},
-        timeout=30,
-    )
-    response.raise_for_status()
-    (artifact,) = response.json()
+    artifact = latest_artifact(prefect_server["api_url"], "data-manifest")
     assert "| train | 1,200 |" in artifact["data"]
     assert "reports/validation/index.html" in artifact["data"]
     assert "skipped (up to date)" in artifact["data"]
-    response = httpx.post(
-        f"{prefect_server['api_url']}/artifacts/filter",
-        json={"artifacts": {"key": {"any_": ["evaluation"]}}},
-        timeout=30,
-    )
-    (evaluation,) = response.json()
+    evaluation = latest_artifact(prefect_server["api_url"], "evaluation")
     assert "| accuracy |" in evaluation["data"] and "Gates:" in evaluation["data"]
 
 

@@ -188,8 +188,9 @@ def test_finetune_and_evaluate_against_the_baseline(
         "minimum_functionality",
     }
     gates = metrics["gates"]
+    beats = gates["beats_baseline"]
     assert gates["passed"] == (
-        gates["min_accuracy"]["passed"] and gates["beats_baseline"]["passed"]
+        gates["min_accuracy"]["passed"] and (beats["passed"] or beats["relaxed"])
     )
     assert "pretraining_gain" in metrics["ablation_no_pretraining"]
     confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text("utf-8"))
