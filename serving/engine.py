@@ -6,6 +6,7 @@ libraries are missing, so the provider really in use is read back from the sessi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -105,10 +106,19 @@ class Engine:
             )
 
     def _session(self, model_dir: Path, variant: str, options: Any, providers: list[str]) -> Any:
+        """A session over the variant's file, refused unless its bytes are the ones the
+        export checked for parity (a truncated copy can still parse as a model)."""
         import onnxruntime as ort
 
-        path = model_dir / self.manifest["variants"][variant]["file"]
-        return ort.InferenceSession(str(path), options, providers=providers)
+        entry = self.manifest["variants"][variant]
+        path = model_dir / entry["file"]
+        model = path.read_bytes()
+        if hashlib.sha256(model).hexdigest() != entry["sha256"]:
+            raise LmopsError(
+                f"{path} does not match the sha256 in its manifest.json (corrupt or partly "
+                "copied): refusing to serve it"
+            )
+        return ort.InferenceSession(model, options, providers=providers)
 
     @property
     def device(self) -> str:

@@ -251,7 +251,7 @@ def test_a_corrupt_version_leaves_the_old_one_serving(
     assert _metric(metrics, 'lmops_model_swaps_total{result="ok"}') == 0
     assert httpx.get(f"{url}/v2/models/lmops").json()["versions"] == ["v1"]
     assert f"model swap to v3 ({broken}) failed, still serving v1" in log.read_text("utf-8")
-    assert "INVALID_PROTOBUF" in log.read_text("utf-8")
+    assert "does not match the sha256 in its manifest.json" in log.read_text("utf-8")
 
     # A good version named next is taken at once: the broken one wedged nothing.
     _point(pointer, "v2", models["v2"])
