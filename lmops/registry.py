@@ -291,50 +291,50 @@ def previous_prod(root: Path) -> str | None:
     return earlier[-1] if earlier else None
 
 
+def _fetch_once(target: Path, what: str, fetch: Callable[[str], Any]) -> Path:
+    """`fetch(out)` into a scratch path renamed into place: a reader never sees a partial
+    copy, and of two processes fetching the same thing one copy wins. (DVC nests its
+    download inside an existing folder, so the scratch path must not exist yet.)"""
+    if target.is_dir():
+        return target
+    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        fetch(str(scratch))
+    except Exception as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise LmopsError(
+            f"cannot fetch {what} from DVC (in the cache or a remote?): {err}"
+        ) from err
+    try:
+        os.replace(scratch, target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def materialize(root: Path, version: str) -> Path:
     """The version's export as a local folder, fetched once from DVC's cache (or remote)."""
     from dvc.repo.artifacts import Artifacts
 
-    target = root / MATERIALIZED_DIR / version
-    if (target / "manifest.json").is_file():
-        return target
-    commit_of(root, version)
-    scratch = target.with_name(f".{version}.tmp-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        Artifacts.get(str(root), ARTIFACT, version=version, out=str(scratch))
-    except Exception as err:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise LmopsError(
-            f"cannot fetch {ARTIFACT} {version} from DVC (is it in the cache or a remote?): {err}"
-        ) from err
-    try:
-        os.replace(scratch, target)
-    except OSError:  # another process fetched the same version first
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    commit_of(root, version)  # an unknown version is the user's error, not DVC's
+    return _fetch_once(
+        root / MATERIALIZED_DIR / version,
+        f"{ARTIFACT} {version}",
+        lambda out: Artifacts.get(str(root), ARTIFACT, version=version, out=out),
+    )
 
 
 def materialize_data(root: Path, version: str, path: Path) -> Path:
     """A DVC-tracked folder (e.g. data/validated) as of the version's commit, fetched once."""
     from dvc.repo import Repo
 
-    target = root / MATERIALIZED_DIR / f"{version}.{path.name}"
-    if target.is_dir():
-        return target
     commit = commit_of(root, version)
-    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        Repo.get(str(root), str(path), out=str(scratch), rev=commit)
-    except Exception as err:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise LmopsError(f"cannot fetch {path} of {version} from DVC: {err}") from err
-    try:
-        os.replace(scratch, target)
-    except OSError:  # another process fetched it first
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return _fetch_once(
+        root / MATERIALIZED_DIR / f"{version}.{path.name}",
+        f"{path} of {version}",
+        lambda out: Repo.get(str(root), str(path), out=out, rev=commit),
+    )
 
 
 def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
