@@ -78,11 +78,13 @@ def engines(
     import onnxruntime as ort
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lmops.classifier import load
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(str(onnx_dir / "tokenizer"))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    model = load(model_dir)
     manifest = json.loads((onnx_dir / "manifest.json").read_text("utf-8"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -91,8 +93,8 @@ def engines(
         optimize_model(
             str(onnx_dir / "model.onnx"),
             model_type=manifest["architecture"],
-            num_heads=model.config.num_attention_heads,
-            hidden_size=model.config.hidden_size,
+            num_heads=model.encoder.config.num_attention_heads,
+            hidden_size=model.encoder.config.hidden_size,
         ).save_model_to_file(str(fused_path))
         sessions = {
             "ort_fp32": ort.InferenceSession(

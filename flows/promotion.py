@@ -60,19 +60,18 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
             registry.metrics_at(root, commit), _manifest(root, challenger), params.export.parity
         )
         if champion:
-            models = measured["models"]
-            gates += promote.relative_gates(models[challenger], models[champion], params.promotion)
+            gates += promote.relative_gates(measured, challenger, champion, params.promotion)
         failed = [g for g in gates if not g["passed"]]
         report = promote.markdown(challenger, champion, measured, gates)
-        figures = promote.key_figures(measured, challenger)
+        figures = promote.key_figures(measured, challenger, gates)
         if failed:
             why = "refused: " + "; ".join(
                 f"{g['gate']} {g['value']} (needed {g['threshold']})" for g in failed
             )
         else:
             why = f"gates passed against {champion or 'no champion (first model)'}"
-            relaxed = [g["note"] for g in gates if g["note"]]
-            why += "".join(f"; {note}" for note in relaxed)
+            # Relaxed gates and what each paired comparison means ("may be noise") go on record.
+            why += "".join(f"; {g['gate']}: {g['note']}" for g in gates if g["note"])
             if registry.stage_version(root, "staging") != challenger:
                 registry.assign(root, challenger, "staging", who, why, figures)
             registry.assign(root, challenger, "prod", who, why, figures)

@@ -182,19 +182,25 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     beats_word = (
         "ok" if beats["passed"] else "relaxed by the profile" if beats["relaxed"] else "FAILED"
     )
+    from tasks.evaluate import baseline_gate_text
+
+    alone = metrics.get("transformer_only")
     lines = [
-        "| test metric | model | TF-IDF + LR baseline |",
-        "|---|---:|---:|",
+        "| test metric | served model |"
+        + (" transformer alone |" if alone else "")
+        + " TF-IDF + LR baseline |",
+        "|---|---:|" + ("---:|" if alone else "") + "---:|",
         *(
-            f"| {key} | {model[key]:.4f} | {baseline[key]:.4f} |"
+            f"| {key} | {model[key]:.4f} |"
+            + (f" {alone[key]:.4f} |" if alone else "")
+            + f" {baseline[key]:.4f} |"
             for key in ("accuracy", "macro_f1", "roc_auc", "ece")
         ),
         "",
         f"Gates: **{'passed' if gates['passed'] else 'failed'}** — accuracy "
         f"{gates['min_accuracy']['value']:.4f} (minimum {gates['min_accuracy']['threshold']}: "
-        f"{'ok' if gates['min_accuracy']['passed'] else 'FAILED'}); margin over the baseline "
-        f"{beats['margin']:+.4f} (needed {beats['threshold']:+.4f}: "
-        f"{beats_word})",
+        f"{'ok' if gates['min_accuracy']['passed'] else 'FAILED'}); "
+        f"{baseline_gate_text(beats)} ({beats_word})",
     ]
     if metrics.get("behavioural"):
         lines += [

@@ -43,19 +43,26 @@ def collate(ids: list[list[int]], pad_id: int) -> dict[str, Any]:
 
 
 def predict_proba(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    transformer_only: bool = False,
 ) -> Any:
-    """Class probabilities, in the order of `texts`, as a numpy array."""
+    """A classifier's (lmops/classifier.py) class probabilities, in the order of `texts`;
+    `transformer_only` leaves out an n-gram channel."""
     import numpy as np
     import torch
 
     ids = encode(tokenizer, texts, max_length)
     device = next(model.parameters()).device
-    probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    probs = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    forward = model.transformer_logits if transformer_only else model
     model.eval()
     with torch.no_grad():
         for batch in length_bucketed([len(s) for s in ids], batch_size, seed=None):
             inputs = collate([ids[i] for i in batch], tokenizer.pad_token_id)
-            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+            logits = forward(**{k: v.to(device) for k, v in inputs.items()})[0]
             probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs

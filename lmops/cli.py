@@ -67,7 +67,14 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
 
     root = Path.cwd()
     # Bad params fail here, in one line, before a Prefect server is even started.
-    parse_params(override(read_raw(root), resolve_overrides(root, profile, set_ or [])))
+    params = parse_params(override(read_raw(root), resolve_overrides(root, profile, set_ or [])))
+    if params.evaluate.gates.relax_baseline:
+        typer.echo(
+            "WARNING: evaluate.gates.relax_baseline is true: the baseline gate is RELAXED, so "
+            "this run can promote a model that does not beat TF-IDF + LR. Only the `tiny` "
+            "smoke-test profile should do this.",
+            err=True,
+        )
     from flows.training import training
 
     result = _prefect_run(

@@ -61,7 +61,7 @@ class ValidationConfig(_Strict):
     min_rows: MinRowsConfig
     min_text_chars: int = Field(ge=1)
     max_text_chars: int = Field(gt=0)
-    labels: list[str] | None
+    labels: list[str] | Literal["auto"] | None
     min_class_share: float = Field(gt=0, lt=1)
     show_failed_rows: int = Field(ge=1)
 
@@ -71,6 +71,7 @@ class TokenizerConfig(_Strict):
     vocab_size: int = Field(ge=100)
     min_frequency: int = Field(ge=1)
     lowercase: bool
+    limit_alphabet: int = Field(ge=100)
 
 
 class ModelConfig(_Strict):
@@ -81,6 +82,24 @@ class ModelConfig(_Strict):
     intermediate_size: int = Field(ge=8)
     max_length: int = Field(ge=8)
     dropout: float = Field(ge=0, lt=1)
+    # Hashed n-gram embeddings added to the token embeddings: n-grams of orders
+    # 2..input_ngram_order (0: none), hashed into input_ngram_buckets rows.
+    input_ngram_order: int = Field(ge=0, le=4)
+    input_ngram_buckets: int = Field(ge=1024)
+    input_ngram_dim: int = Field(ge=1)
+    # A local Hugging Face checkpoint (config, weights, tokenizer) to start from, or null.
+    init_from: str | None = Field(min_length=1)
+    init_pretraining: Literal["continue", "skip"]
+
+    @model_validator(mode="after")
+    def _ngram_order_is_an_ngram(self) -> ModelConfig:
+        if self.input_ngram_order == 1:
+            raise ValueError("model.input_ngram_order must be 0 (off) or at least 2")
+        if self.input_ngram_order and self.architecture != "bert":
+            # An n-gram starting at a position reads the tokens after it: a causal LM would
+            # see the future.
+            raise ValueError("model.input_ngram_order needs model.architecture=bert")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -103,20 +122,52 @@ class OptimConfig(_Strict):
 
 class PretrainConfig(OptimConfig):
     steps: int = Field(ge=1)
+    texts: list[Literal["corpus", "train"]] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
     mask_probability: float = Field(gt=0, lt=1)
     checkpoint_every: int = Field(ge=1)
     eval_batches: int = Field(ge=1)
 
 
+class NgramChannelConfig(_Strict):
+    enabled: bool
+    order: int = Field(ge=1, le=4)
+    buckets: int = Field(ge=1024)
+    min_df: int = Field(ge=1)
+    C: list[float] = Field(min_length=1)
+    transformer_weights: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _weights_are_shares(self) -> NgramChannelConfig:
+        if any(not 0 < w <= 1 for w in self.transformer_weights):
+            raise ValueError("finetune.ngram_channel.transformer_weights must lie in (0, 1]")
+        if any(c <= 0 for c in self.C):
+            raise ValueError("finetune.ngram_channel.C must be positive")
+        return self
+
+
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(ge=1)
     patience: int = Field(ge=0)
+    label_smoothing: float = Field(ge=0, lt=1)
     from_pretrained: bool
+    ngram_channel: NgramChannelConfig
+
+
+class PairedRuleConfig(_Strict):
+    """How a paired comparison decides (lmops/stats.py): superiority needs the confidence
+    interval of the difference above 0; non_inferiority above -margin."""
+
+    rule: Literal["superiority", "non_inferiority"]
+    margin: float = Field(ge=0, le=1)
 
 
 class GatesConfig(_Strict):
     min_accuracy: float = Field(ge=0, le=1)
     min_margin_over_baseline: float = Field(ge=-1, le=1)
+    baseline_test: PairedRuleConfig
+    confidence: float = Field(gt=0.5, lt=1)
+    bootstrap_samples: int = Field(ge=100)
     relax_baseline: bool
 
 
@@ -173,8 +224,10 @@ class ServeConfig(_Strict):
 
 
 class PromotionConfig(_Strict):
-    max_accuracy_drop: float = Field(ge=0, le=1)
-    max_macro_f1_drop: float = Field(ge=0, le=1)
+    accuracy_vs_prod: PairedRuleConfig
+    macro_f1_vs_prod: PairedRuleConfig
+    confidence: float = Field(gt=0.5, lt=1)
+    bootstrap_samples: int = Field(ge=100)
     max_latency_increase: float = Field(ge=0)
     latency_samples: int = Field(ge=10)
 

@@ -67,14 +67,27 @@ def _zh_news() -> RawSource:
 @dataclass(frozen=True)
 class Builtin:
     reader: Callable[[], RawSource]
-    labelled: bool
     description: str
+    # The label set a labelled builtin always has (its data contract); None: a corpus.
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
 
 
 BUILTINS = {
-    "zh-reviews": Builtin(_zh_reviews, True, "Chinese product reviews, positive/negative"),
-    "zh-news": Builtin(_zh_news, False, "People's Daily 1998 news, unlabelled"),
+    "zh-reviews": Builtin(
+        _zh_reviews, "Chinese product reviews, positive/negative", ("negative", "positive")
+    ),
+    "zh-news": Builtin(_zh_news, "People's Daily 1998 news, unlabelled"),
 }
+
+
+def builtin_labels(spec: str) -> list[str] | None:
+    """The labels a `builtin:NAME` labelled source always has; None for a file source."""
+    builtin = BUILTINS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
+    return list(builtin.labels) if builtin and builtin.labels else None
 
 
 def _decode(path: Path, data: bytes, key: str) -> str:

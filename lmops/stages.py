@@ -54,6 +54,7 @@ def _validate(params: Params, root: Path) -> Any:
 
 
 def _tokenizer(params: Params, root: Path) -> Any:
+    from lmops.modeling import init_checkpoint
     from tasks import tokenizer
 
     return tokenizer.run(
@@ -62,15 +63,18 @@ def _tokenizer(params: Params, root: Path) -> Any:
         root / VALIDATED_DIR,
         root / TOKENIZER_DIR,
         root / TOKENIZER_METRICS,
+        init_dir=init_checkpoint(params.model, root),
     )
 
 
 def _pretrain(params: Params, root: Path) -> Any:
+    from lmops.modeling import init_checkpoint
     from tasks import pretrain
 
     return pretrain.run(
         params.pretrain,
         params.model,
+        init_dir=init_checkpoint(params.model, root),
         tokenizer_dir=root / TOKENIZER_DIR,
         validated_dir=root / VALIDATED_DIR,
         out_dir=root / PRETRAINED_DIR,

@@ -14,13 +14,26 @@ from typing import Any
 from lmops.config import OptimConfig
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AMX tiles for bf16 (Intel Sapphire Rapids and later): there, bf16 autocast trained a
+    small BERT ~1.5x faster than fp32. Without them (AVX2, AVX-512 alone) bf16 is emulated
+    and slower, so `auto` stays fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
 def accelerator_for(cfg: OptimConfig) -> Any:
     import torch
     from accelerate import Accelerator
 
-    bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    )
+    if torch.cuda.is_available():
+        fast_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        fast_bf16 = cpu_has_fast_bf16()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and fast_bf16)
     # cpu=True where there is no GPU: under torchrun that makes Accelerate use gloo across
     # processes (it otherwise looks only for accelerators and runs each process alone).
     return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())

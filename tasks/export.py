@@ -31,31 +31,6 @@ OUTPUTS = ["logits", "embedding"]
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
-def _with_embedding(model: Any) -> Any:
-    """The classifier, returning its pooled representation beside the logits."""
-    import torch
-
-    class WithEmbedding(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
-            if model.config.model_type == "bert":
-                pooled = model.bert(
-                    input_ids=input_ids, attention_mask=attention_mask
-                ).pooler_output
-                return model.classifier(pooled), pooled
-            hidden = model.transformer(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            )[0]
-            last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
-            pooled = hidden[torch.arange(hidden.shape[0]), last]
-            return model.score(pooled), pooled
-
-    return WithEmbedding().eval()
-
-
 def export_fp32(model: Any, path: Path, opset: int) -> None:
     import torch
 
@@ -66,7 +41,7 @@ def export_fp32(model: Any, path: Path, opset: int) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
     axes.update({name: {0: "batch"} for name in OUTPUTS})
     torch.onnx.export(
-        _with_embedding(model),
+        model.eval(),
         (example["input_ids"], example["attention_mask"]),
         str(path),
         input_names=INPUTS,
@@ -125,7 +100,7 @@ def _torch_logits(model: Any) -> Any:
     def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
-            return model(**tensors).logits.float().numpy()
+            return model(**tensors)[0].float().numpy()
 
     return predict
 
@@ -167,16 +142,13 @@ def run(
     out_dir: Path,
     triton_dir: Path,
 ) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification
-
+    from lmops.classifier import load
     from lmops.modeling import load_tokenizer
 
     # Eager attention: with SDPA the optimizer cannot fuse attention (STACK.md).
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(finetuned_dir), attn_implementation="eager"
-    ).eval()
+    model = load(finetuned_dir, attn_implementation="eager")
     tokenizer = load_tokenizer(finetuned_dir)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = model.spec.labels
     test = pd.read_parquet(validated_dir / "test.parquet")
     targets = test["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
     ids = encode(tokenizer, test["text"].tolist(), model_cfg.max_length)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from lmops.atomic import atomic_dir, write_json
 from lmops.batching import collate, encode, length_bucketed, predict_proba
-from lmops.config import FinetuneConfig, ModelConfig
+from lmops.config import FinetuneConfig, ModelConfig, NgramChannelConfig
 from lmops.errors import DataError
 from lmops.modeling import build_config, load_tokenizer
 from lmops.trainloop import (
@@ -33,18 +33,32 @@ log = logging.getLogger(__name__)
 def _classifier(
     model_cfg: ModelConfig, tokenizer: Any, labels: list[str], pretrained_dir: Path | None
 ) -> Any:
-    from transformers import AutoModelForSequenceClassification
+    from lmops.classifier import from_pretrained_encoder, input_ngram_spec, new_classifier
 
-    label_maps = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {name: i for i, name in enumerate(labels)},
-    }
+    ngrams = input_ngram_spec(model_cfg, tokenizer)
     if pretrained_dir is None:
-        return AutoModelForSequenceClassification.from_config(
-            build_config(model_cfg, tokenizer, **label_maps)
-        )
-    return AutoModelForSequenceClassification.from_pretrained(str(pretrained_dir), **label_maps)
+        config = build_config(model_cfg, tokenizer)
+        return new_classifier(config, labels, model_cfg.dropout, ngrams)
+    return from_pretrained_encoder(pretrained_dir, labels, model_cfg.dropout, ngrams)
+
+
+def _with_loss(model: Any, label_smoothing: float) -> Any:
+    """The classifier as a training step wants it: a `.loss` from (ids, mask, labels)."""
+    import torch
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+            logits, _ = self.classifier.transformer_logits(input_ids, attention_mask)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), labels, label_smoothing=label_smoothing
+            )
+            return type("Output", (), {"loss": loss})
+
+    return WithLoss()
 
 
 def _val_loss_and_accuracy(
@@ -79,7 +93,8 @@ def train_classifier(
             f"(finetune.batch_size={cfg.batch_size} x {accelerator.num_processes} process(es))"
         )
     seed_everything(cfg.seed)
-    model = _classifier(model_cfg, tokenizer, labels, pretrained_dir)
+    classifier = _classifier(model_cfg, tokenizer, labels, pretrained_dir)
+    model = _with_loss(classifier, cfg.label_smoothing)
     lengths = [len(s) for s in train_ids]
     steps_per_epoch = len(length_bucketed(lengths, cfg.batch_size, seed=0))
     steps_per_epoch //= accelerator.num_processes
@@ -109,7 +124,7 @@ def train_classifier(
                 live.log_metric("train/loss", loss.item())
                 live.log_metric("train/learning_rate", schedule.get_last_lr()[0])
                 live.next_step()
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model).classifier
         val_loss, val_accuracy = _val_loss_and_accuracy(
             unwrapped, tokenizer, val["text"].tolist(), val_targets, model_cfg.max_length
         )
@@ -144,7 +159,7 @@ def train_classifier(
     if live is not None:
         live.end()
     seconds = time.perf_counter() - started
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model).classifier
     model.load_state_dict(best.pop("state"))
     summary = {
         "from_pretrained": pretrained_dir is not None,
@@ -160,6 +175,78 @@ def train_classifier(
         "_main": accelerator.is_main_process,
     }
     return model, summary
+
+
+def attach_ngram_channel(
+    cfg: NgramChannelConfig,
+    model: Any,
+    tokenizer: Any,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    max_length: int,
+) -> dict[str, Any]:
+    """Fit the hashed n-gram logistic regression on the train split and put it inside the
+    classifier; C and the transformer's share of the vote are chosen by validation
+    log-loss (never on test)."""
+    import numpy as np
+
+    from lmops.classifier import NgramSpec
+    from lmops.ngrams import fit_logistic, log_loss, mix, ngram_module
+
+    started = time.perf_counter()
+    label_ids = {name: i for i, name in enumerate(model.spec.labels)}
+    train_targets = train["label"].map(label_ids).to_numpy()
+    val_targets = val["label"].map(label_ids).to_numpy()
+    spec = NgramSpec(
+        order=cfg.order,
+        buckets=cfg.buckets,
+        vocab_size=len(tokenizer),
+        special_ids=sorted({tokenizer.cls_token_id, tokenizer.sep_token_id}),
+    )
+    fitted = fit_logistic(
+        encode(tokenizer, train["text"].tolist(), max_length),
+        train_targets,
+        encode(tokenizer, val["text"].tolist(), max_length),
+        val_targets,
+        len(label_ids),
+        set(spec.special_ids) | {tokenizer.pad_token_id},
+        spec.vocab_size,
+        cfg.order,
+        cfg.buckets,
+        cfg.min_df,
+        cfg.C,
+    )
+    transformer_probs = predict_proba(
+        model, tokenizer, val["text"].tolist(), max_length, transformer_only=True
+    )
+    losses = {
+        w: log_loss(mix(transformer_probs, fitted["val_probs"], w), val_targets)
+        for w in cfg.transformer_weights
+    }
+    weight = min(losses, key=losses.get)
+    module = ngram_module(
+        fitted["weights"],
+        fitted["idf"],
+        fitted["bias"],
+        spec.vocab_size,
+        cfg.order,
+        spec.special_ids,
+    )
+    model.with_ngram(module, spec, weight)
+
+    def accuracy(probs: Any) -> float:
+        return round(float((probs.argmax(1) == val_targets).mean()), 5)
+
+    return {
+        "C": fitted["C"],
+        "transformer_weight": weight,
+        "val_log_loss_by_weight": {str(w): round(v, 5) for w, v in losses.items()},
+        "val_accuracy_ngram": accuracy(fitted["val_probs"]),
+        "val_accuracy_transformer": accuracy(transformer_probs),
+        "val_accuracy_combined": accuracy(mix(transformer_probs, fitted["val_probs"], weight)),
+        "used_buckets": int(np.count_nonzero(fitted["idf"])),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def run(
@@ -186,9 +273,15 @@ def run(
         pretrained_dir if cfg.from_pretrained else None,
         live_dir,
     )
+    if cfg.ngram_channel.enabled:
+        summary["ngram_channel"] = attach_ngram_channel(
+            cfg.ngram_channel, model, tokenizer, train, val, model_cfg.max_length
+        )
     if summary.pop("_main"):
+        from lmops.classifier import save
+
         with atomic_dir(out_dir) as scratch:
-            model.save_pretrained(str(scratch), safe_serialization=True)
+            save(model, scratch)
             tokenizer.save_pretrained(str(scratch))
         write_json(metrics_path, summary)
     log.info(

@@ -65,12 +65,14 @@ def _collator(tokenizer: Any, architecture: str, mask_probability: float) -> Any
     )
 
 
-def masked_positions_only(language_model: Any) -> Any:
+def masked_positions_only(language_model: Any, input_ngrams: Any = None) -> Any:
     """BERT masked-LM whose prediction head runs only on the masked positions.
 
     The head maps every position to the whole vocabulary (8k x 256 per token here, ~40% of
-    the model's FLOPs), yet only the ~15% masked positions enter the loss. Same loss as the
-    Hugging Face model; the language model itself is `.lm`.
+    the model's FLOPs), yet only the masked positions enter the loss. Same loss as the
+    Hugging Face model; the language model itself is `.lm`. With `input_ngrams`
+    (lmops/ngrams.py) their embeddings are added to the token embeddings; an n-gram that
+    covers a masked position holds [MASK], so it reveals nothing the token would not.
     """
     import torch
 
@@ -78,15 +80,83 @@ def masked_positions_only(language_model: Any) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.lm = language_model
+            self.input_ngrams = input_ngrams
 
         def forward(self, input_ids: Any, labels: Any, **_: Any) -> Any:
-            hidden = self.lm.bert(input_ids=input_ids).last_hidden_state
+            if self.input_ngrams is None:
+                hidden = self.lm.bert(input_ids=input_ids).last_hidden_state
+            else:
+                embeds = self.lm.bert.embeddings.word_embeddings(input_ids)
+                embeds = embeds + self.input_ngrams(input_ids, torch.ones_like(input_ids))
+                hidden = self.lm.bert(inputs_embeds=embeds).last_hidden_state
             masked = labels != -100
             logits = self.lm.cls(hidden[masked])
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[masked])
             return type("Output", (), {"loss": loss})
 
     return MaskedPositionsOnly()
+
+
+def unigram_perplexity(train_rows: Any, val_rows: Any, tokenizer: Any) -> float:
+    """Perplexity on the validation tokens of a model that knows only the training token
+    frequencies (add-one smoothed) — the level a language model that learnt nothing sits
+    at. Masked positions are drawn uniformly from non-special tokens, so this is the
+    masked-LM loss's floor too."""
+    import torch
+
+    special = torch.tensor(tokenizer.all_special_ids)
+    vocab = len(tokenizer)
+
+    def counts(rows: Any) -> Any:
+        tokens = rows.flatten()
+        return torch.bincount(tokens[~torch.isin(tokens, special)], minlength=vocab).double()
+
+    train_counts, val_counts = counts(train_rows), counts(val_rows)
+    log_p = torch.log((train_counts + 1) / (train_counts.sum() + vocab))
+    return perplexity(float(-(val_counts * log_p).sum() / val_counts.sum()))
+
+
+def _language_model_from(init_dir: Path, model_cfg: ModelConfig, dropout: float) -> Any:
+    """A user's checkpoint as a masked-LM to continue pretraining (domain-adaptive); a
+    checkpoint saved without its LM head gets a fresh one."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(str(init_dir))
+    if config.model_type != "bert" or model_cfg.architecture != "bert":
+        raise DataError(
+            f"model.init_from: continuing pretraining needs a BERT checkpoint with "
+            f"model.architecture=bert (got {config.model_type}); set "
+            "model.init_pretraining=skip to fine-tune it directly"
+        )
+    if config.max_position_embeddings < model_cfg.max_length:
+        raise DataError(
+            f"model.init_from: the checkpoint takes at most {config.max_position_embeddings} "
+            f"positions, fewer than model.max_length={model_cfg.max_length}"
+        )
+    return AutoModelForMaskedLM.from_pretrained(
+        str(init_dir), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
+    )
+
+
+def _skip_with_init(init_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+    """model.init_pretraining=skip: the checkpoint is the pretrained encoder, as it is."""
+    from transformers import AutoModel
+
+    from transformers import AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(str(init_dir))
+    with atomic_dir(out_dir) as scratch:
+        encoder.save_pretrained(str(scratch), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(init_dir)).save_pretrained(str(scratch))
+    metrics = {
+        "objective": "none (model.init_pretraining=skip)",
+        "init_from": str(init_dir),
+        "parameters": count_parameters(encoder),
+        "steps": 0,
+    }
+    write_json(metrics_path, metrics)
+    log.info("pretrain: skipped; the encoder is %s as it is", init_dir)
+    return metrics
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -178,13 +248,17 @@ def run(
     checkpoint_dir: Path,
     live_dir: Path,
     metrics_path: Path,
+    init_dir: Path | None = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    if init_dir is not None and model_cfg.init_pretraining == "skip":
+        return _skip_with_init(init_dir, out_dir, metrics_path)
     tokenizer = load_tokenizer(tokenizer_dir)
+    # Task-adaptive pretraining: `pretrain.texts` may leave the general corpus out.
     texts = [
         t
-        for table in ("corpus", "train")
+        for table in cfg.texts
         for t in pd.read_parquet(validated_dir / f"{table}.parquet")["text"]
     ]
     train_rows = pack(tokenizer, texts, model_cfg.max_length)
@@ -210,10 +284,25 @@ def run(
         )
 
     seed_everything(cfg.seed)
-    model = language_model(model_cfg, tokenizer)
+    if init_dir is None:
+        # Pretraining has its own dropout (none, as in Cramming: one pass never overfits).
+        model = language_model(model_cfg.model_copy(update={"dropout": cfg.dropout}), tokenizer)
+    else:
+        model = _language_model_from(init_dir, model_cfg, cfg.dropout)
     n_params = count_parameters(model)
     if model_cfg.architecture == "bert":
-        model = masked_positions_only(model)
+        from lmops.classifier import input_ngram_spec
+        from lmops.ngrams import ngram_embedding
+
+        spec = input_ngram_spec(model_cfg, tokenizer)
+        ngrams = (
+            ngram_embedding(
+                spec.vocab_size, spec.order, spec.buckets, spec.dim, model.config.hidden_size
+            )
+            if spec
+            else None
+        )
+        model = masked_positions_only(model, ngrams)
     optimizer, schedule = optimizer_and_schedule(model, cfg, cfg.steps)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     collator = _collator(tokenizer, model_cfg.architecture, cfg.mask_probability)
@@ -282,6 +371,7 @@ def run(
     unwrapped = accelerator.unwrap_model(model)
     val_loss = evaluate_loss(unwrapped, val_rows, collator, cfg, accelerator.device)
     trained_lm = getattr(unwrapped, "lm", unwrapped)
+    trained_ngrams = getattr(unwrapped, "input_ngrams", None)
     tokens_per_s = trained_steps * tokens_per_step / seconds if seconds > 0 else 0.0
     metrics = {
         "objective": "masked-lm" if model_cfg.architecture == "bert" else "causal-lm",
@@ -290,6 +380,8 @@ def run(
         "resumed_from_step": start_step,
         "val_loss": round(val_loss, 5),
         "val_perplexity": round(perplexity(val_loss), 4),
+        # What knowing only token frequencies gives: the floor pretraining must get under.
+        "val_unigram_perplexity": round(unigram_perplexity(train_rows, val_rows, tokenizer), 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "train_tokens": cfg.steps * tokens_per_step,
         "seconds": round(seconds, 2),
@@ -301,6 +393,15 @@ def run(
     if accelerator.is_main_process:
         with atomic_dir(out_dir) as scratch:
             trained_lm.save_pretrained(str(scratch), safe_serialization=True)
+            # With its tokenizer the directory is a whole checkpoint: model.init_from of a
+            # later run (or any Hugging Face tool) can start from it.
+            tokenizer.save_pretrained(str(scratch))
+            if trained_ngrams is not None:
+                from safetensors.torch import save_file
+
+                from lmops.classifier import INPUT_NGRAMS_FILE
+
+                save_file(trained_ngrams.state_dict(), str(scratch / INPUT_NGRAMS_FILE))
         write_json(metrics_path, metrics)
         live.end()
         checkpoints.clear()

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmops import registry
-from lmops.config import ParityConfig, PromotionConfig
+from lmops.config import PairedRuleConfig, ParityConfig, PromotionConfig
 from lmops.errors import LmopsError
 from lmops.stages import VALIDATED_DIR
 
@@ -38,13 +40,16 @@ def _engine(model_dir: Path) -> Any:
     return Engine(model_dir, require_gpu=False, max_batch_size=32)
 
 
-def score(engine: Any, texts: list[str], labels: list[str]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+def score(engine: Any, texts: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and every predicted label (the paired gates need them)."""
+    from lmops.stats import accuracy, macro_f1
 
-    predicted = [engine.labels[i] for i in engine.probabilities(texts).argmax(1)]
+    predicted = np.array([engine.labels[i] for i in engine.probabilities(texts).argmax(1)])
+    targets = np.array(labels)
     return {
-        "accuracy": round(float(accuracy_score(labels, predicted)), 5),
-        "macro_f1": round(float(f1_score(labels, predicted, average="macro")), 5),
+        "accuracy": round(accuracy(targets, predicted), 5),
+        "macro_f1": round(macro_f1(targets, predicted), 5),
+        "predicted": predicted.tolist(),
     }
 
 
@@ -80,7 +85,7 @@ def measure(
         }
         for version, engine, latency in zip(versions, engines, latencies, strict=True)
     }
-    return {"test_rows": len(texts), "models": measured}
+    return {"test_rows": len(texts), "targets": labels, "models": measured}
 
 
 def _gate(name: str, passed: bool, value: Any, threshold: str, note: str = "") -> dict[str, Any]:
@@ -95,7 +100,23 @@ def absolute_gates(
         return [_gate("evaluated and exported", False, "missing", "reports/metrics.json, manifest")]
     gates = evaluation["gates"]
     beats = gates["beats_baseline"]
+    paired = beats["paired"]
     fp32 = manifest["variants"]["fp32"]["parity"]
+    rule = "CI low > 0" if paired["rule"] == "superiority" else f"CI low > -{paired['margin']}"
+    baseline_gate = {
+        **_gate(
+            "beats_baseline",
+            beats["passed"] or beats["relaxed"],
+            f"{beats['margin']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}] "
+            f"p={paired['p_value_mcnemar']:.3g}",
+            f">= {beats['threshold']:+} and {rule} over TF-IDF + LR "
+            f"({evaluation['baseline']['accuracy']:.4f})",
+            "relaxed by the profile (evaluate.gates.relax_baseline)"
+            if beats["relaxed"] and not beats["passed"]
+            else paired["reading"],
+        ),
+        "paired": paired,
+    }
     return [
         _gate(
             "min_accuracy",
@@ -103,16 +124,7 @@ def absolute_gates(
             gates["min_accuracy"]["value"],
             f">= {gates['min_accuracy']['threshold']}",
         ),
-        _gate(
-            "beats_baseline",
-            beats["passed"] or beats["relaxed"],
-            beats["margin"],
-            f">= {beats['threshold']:+} over TF-IDF + LR "
-            f"({evaluation['baseline']['accuracy']:.4f})",
-            "relaxed by the profile (evaluate.gates.relax_baseline)"
-            if beats["relaxed"] and not beats["passed"]
-            else "",
-        ),
+        baseline_gate,
         _gate(
             "onnx_parity",
             fp32["max_abs_logit_diff_vs_torch"] <= parity.max_abs_logit_diff
@@ -124,28 +136,75 @@ def absolute_gates(
     ]
 
 
-def relative_gates(
-    challenger: dict[str, Any], champion: dict[str, Any], cfg: PromotionConfig
-) -> list[dict[str, Any]]:
-    latency_limit = champion["p50_latency_ms"] * (1 + cfg.max_latency_increase)
-    return [
-        _gate(
-            "accuracy_vs_prod",
-            challenger["accuracy"] >= champion["accuracy"] - cfg.max_accuracy_drop,
-            challenger["accuracy"],
-            f">= {champion['accuracy']:.4f} - {cfg.max_accuracy_drop}",
+def _paired_gate(
+    name: str,
+    metric: str,
+    measured: dict[str, Any],
+    challenger: str,
+    champion: str,
+    rule: PairedRuleConfig,
+    cfg: PromotionConfig,
+) -> dict[str, Any]:
+    from lmops.stats import compare
+
+    models = measured["models"]
+    paired = compare(
+        np.array(measured["targets"]),
+        np.array(models[challenger]["predicted"]),
+        np.array(models[champion]["predicted"]),
+        metric,
+        rule.rule,
+        rule.margin,
+        cfg.confidence,
+        cfg.bootstrap_samples,
+    )
+    needed = (
+        "CI low > 0 (superiority)"
+        if rule.rule == "superiority"
+        else f"CI low > -{rule.margin} (non-inferiority)"
+    )
+    return {
+        **_gate(
+            name,
+            paired["passed"],
+            f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]",
+            needed,
+            paired["reading"],
         ),
-        _gate(
+        "paired": paired,
+    }
+
+
+def relative_gates(
+    measured: dict[str, Any], challenger: str, champion: str, cfg: PromotionConfig
+) -> list[dict[str, Any]]:
+    """Challenger minus champion on the same texts (paired), and median latency."""
+    models = measured["models"]
+    latency_limit = models[champion]["p50_latency_ms"] * (1 + cfg.max_latency_increase)
+    return [
+        _paired_gate(
+            "accuracy_vs_prod",
+            "accuracy",
+            measured,
+            challenger,
+            champion,
+            cfg.accuracy_vs_prod,
+            cfg,
+        ),
+        _paired_gate(
             "macro_f1_vs_prod",
-            challenger["macro_f1"] >= champion["macro_f1"] - cfg.max_macro_f1_drop,
-            challenger["macro_f1"],
-            f">= {champion['macro_f1']:.4f} - {cfg.max_macro_f1_drop}",
+            "macro_f1",
+            measured,
+            challenger,
+            champion,
+            cfg.macro_f1_vs_prod,
+            cfg,
         ),
         _gate(
             "latency_vs_prod",
-            challenger["p50_latency_ms"] <= latency_limit,
-            f"{challenger['p50_latency_ms']:.3f} ms",
-            f"<= {latency_limit:.3f} ms ({champion['p50_latency_ms']:.3f} ms "
+            models[challenger]["p50_latency_ms"] <= latency_limit,
+            f"{models[challenger]['p50_latency_ms']:.3f} ms",
+            f"<= {latency_limit:.3f} ms ({models[champion]['p50_latency_ms']:.3f} ms "
             f"+ {cfg.max_latency_increase:.0%})",
         ),
     ]
@@ -178,6 +237,20 @@ def markdown(
     return "\n".join(lines)
 
 
-def key_figures(measured: dict[str, Any], version: str) -> dict[str, Any]:
+def key_figures(
+    measured: dict[str, Any], version: str, gates: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What the promotion record keeps: the figures and each paired comparison."""
     figures = measured["models"][version]
-    return {k: figures[k] for k in ("accuracy", "macro_f1", "p50_latency_ms")}
+    kept = {k: figures[k] for k in ("accuracy", "macro_f1", "p50_latency_ms")}
+    for gate in gates:
+        if "paired" in gate:
+            kept[gate["gate"]] = {
+                k: gate["paired"][k]
+                for k in ("difference", "ci_low", "ci_high", "confidence", "rule", "margin")
+            } | (
+                {"p_value": gate["paired"]["p_value_mcnemar"]}
+                if "p_value_mcnemar" in gate["paired"]
+                else {}
+            )
+    return kept

@@ -146,16 +146,44 @@ def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
     return f"{batch}: {config.type} {kwargs} failed — {detail}"
 
 
+def label_contract(
+    cfg: ValidationConfig, source: str, found: list[str], previous: dict[str, Any] | None
+) -> tuple[list[str], str | None]:
+    """The labels this version must have, and why a change of labels is refused (or None).
+
+    `previous` is the manifest of the last validated version, if any."""
+    from lmops.sources import builtin_labels
+
+    if cfg.labels is None:
+        return found, None
+    if cfg.labels != "auto":
+        return list(cfg.labels), None
+    known = builtin_labels(source)
+    if known is not None:
+        return known, None
+    if previous is None or previous["labelled"]["spec"] != source:
+        return found, None  # the first validated version of this source pins its labels
+    pinned = list(previous["labelled"]["labels"])
+    if sorted(pinned) == sorted(found):
+        return pinned, None
+    return pinned, (
+        f"labels changed between versions of data.source={source}: the last validated "
+        f"version has {pinned}, this one has {found}. validation.labels decides: 'auto' keeps "
+        f"the first version's labels; set validation.labels to {found} to accept the new set"
+    )
+
+
 def validate_tables(
-    tables: dict[str, pd.DataFrame], cfg: ValidationConfig, docs_dir: Path, show_rows: int
+    tables: dict[str, pd.DataFrame],
+    cfg: ValidationConfig,
+    docs_dir: Path,
+    show_rows: int,
+    labels: list[str],
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """Run every suite; return the failure lines, per-batch stats and GX's raw results."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    labels = (
-        list(cfg.labels) if cfg.labels is not None else sorted(tables["train"]["label"].unique())
-    )
     context = _context(gx, docs_dir)
     source = context.data_sources.add_pandas("lmops")
     failures: list[str] = []
@@ -203,10 +231,19 @@ def run(
 ) -> dict[str, Any]:
     """Validate `ingested_dir`; on success publish it as `validated_dir` with Data Docs."""
     tables = _load(ingested_dir)
+    ingested = read_manifest(ingested_dir)
+    previous = read_manifest(validated_dir) if (validated_dir / "manifest.json").is_file() else None
+    labels, changed = label_contract(
+        cfg, ingested["labelled"]["spec"], sorted(tables["train"]["label"].unique()), previous
+    )
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch_docs = Path(tempfile.mkdtemp(prefix=".docs-", dir=docs_dir.parent))
     try:
-        failures, stats, raw = validate_tables(tables, cfg, scratch_docs, cfg.show_failed_rows)
+        failures, stats, raw = validate_tables(
+            tables, cfg, scratch_docs, cfg.show_failed_rows, labels
+        )
+        if changed:
+            failures.insert(0, changed)
         if failures:
             where = _quarantine(ingested_dir, quarantine_root, scratch_docs, raw)
             raise ValidationFailed(

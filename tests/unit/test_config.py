@@ -28,7 +28,7 @@ def project(tmp_path: Path) -> Path:
 def test_repository_params_load() -> None:
     params = load_params(REPO_ROOT)
     assert params.data.source == "builtin:zh-reviews"
-    assert params.validation.labels == ["negative", "positive"]
+    assert params.validation.labels == "auto"
 
 
 def test_unknown_key_is_named_with_its_dotted_path(repo_params_raw: dict) -> None:

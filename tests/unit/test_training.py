@@ -140,17 +140,28 @@ def test_invalid_hyper_parameters_are_rejected_with_their_key(repo_params_raw: d
         tiny(repo_params_raw, model__architecture="t5")
 
 
-@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+@pytest.mark.parametrize(
+    ("architecture", "ngrams"), [("bert", False), ("gpt2", False), ("bert", True)]
+)
 def test_finetune_and_evaluate_against_the_baseline(
     repo_params_raw: dict,
     tokenizer_dir: Path,
     tiny_validated: Path,
     tmp_path: Path,
     architecture: str,
+    ngrams: bool,
 ) -> None:
-    from transformers import AutoModelForSequenceClassification
+    from lmops.classifier import load
 
-    params = tiny(repo_params_raw, model__architecture=architecture, evaluate__ablation=True)
+    params = tiny(
+        repo_params_raw,
+        model__architecture=architecture,
+        evaluate__ablation=True,
+        finetune__ngram_channel__enabled=ngrams,
+        finetune__ngram_channel__buckets=50_021,
+        model__input_ngram_order=3 if ngrams else 0,
+        model__input_ngram_buckets=10_007,
+    )
     _pretrain(params, tokenizer_dir, tiny_validated, tmp_path)
     summary = finetune.run(
         params.finetune,
@@ -163,8 +174,13 @@ def test_finetune_and_evaluate_against_the_baseline(
         tmp_path / "ft.json",
     )
     assert summary["from_pretrained"] and summary["epochs_run"] == 1
-    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "finetuned"))
-    assert model.config.id2label == {0: "negative", 1: "positive"}
+    model = load(tmp_path / "finetuned")
+    assert model.spec.labels == ["negative", "positive"]
+    assert (model.ngram is not None) == ngrams and (model.input_ngrams is not None) == ngrams
+    if ngrams:
+        channel = summary["ngram_channel"]
+        assert channel["transformer_weight"] in params.finetune.ngram_channel.transformer_weights
+        assert channel["val_accuracy_ngram"] > 0.6  # the n-gram LR learns from 1,200 reviews
 
     metrics = evaluate.run(
         params.evaluate,
@@ -193,12 +209,17 @@ def test_finetune_and_evaluate_against_the_baseline(
         gates["min_accuracy"]["passed"] and (beats["passed"] or beats["relaxed"])
     )
     assert "pretraining_gain" in metrics["ablation_no_pretraining"]
+    paired = beats["paired"]
+    assert paired["ci_low"] <= beats["margin"] <= paired["ci_high"]
+    assert 0 <= paired["p_value_mcnemar"] <= 1
+    assert ("transformer_only" in metrics) == ngrams
     confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text("utf-8"))
     assert len(confusion) == 150
     roc = json.loads((tmp_path / "plots" / "roc.json").read_text("utf-8"))
     assert roc[0]["fpr"] == 0 and roc[-1]["tpr"] == 1
     card = (tmp_path / "card.md").read_text("utf-8")
-    assert "TF-IDF + LR baseline" in card and "Gates:" in card
+    assert "TF-IDF + LR baseline" in card and "Gates:" in card and "95% CI" in card
+    assert ("transformer alone" in card) == ngrams
 
 
 def test_expected_calibration_error_of_a_perfectly_calibrated_model() -> None:

@@ -129,3 +129,52 @@ def test_broken_contract_is_quarantined_and_keeps_last_good_data(
     assert (quarantined / "data_docs" / "index.html").is_file()
     gx_result = json.loads((quarantined / "gx_result.json").read_text("utf-8"))
     assert any(not batch["success"] for batch in gx_result.values())
+
+
+def test_label_contract_follows_the_source(repo_params_raw: dict) -> None:
+    cfg = params_with(repo_params_raw, **TINY).validation
+    assert cfg.labels == "auto"
+    previous = {"labelled": {"spec": "reviews.csv", "labels": ["bad", "good"]}}
+    # A builtin source knows its labels; a new file source pins what it holds.
+    assert validate.label_contract(cfg, "builtin:zh-reviews", ["x", "y"], None) == (
+        ["negative", "positive"],
+        None,
+    )
+    assert validate.label_contract(cfg, "other.csv", ["0", "1"], previous) == (["0", "1"], None)
+    assert validate.label_contract(cfg, "reviews.csv", ["bad", "good"], previous)[1] is None
+    pinned, refused = validate.label_contract(cfg, "reviews.csv", ["bad", "great"], previous)
+    assert pinned == ["bad", "good"]
+    assert "['bad', 'good']" in refused and "['bad', 'great']" in refused
+    assert "validation.labels" in refused
+    listed = params_with(repo_params_raw, **TINY, validation__labels=["a", "b"]).validation
+    assert validate.label_contract(listed, "x.csv", ["c"], previous) == (["a", "b"], None)
+
+
+def _as_file_source(ingested: Path, target: Path, names: dict[str, str]) -> Path:
+    """The ingested tables as if they came from `reviews.csv` with other label names."""
+    shutil.copytree(ingested, target)
+    for table in ("train", "val", "test"):
+        frame = pd.read_parquet(target / f"{table}.parquet")
+        frame["label"] = frame["label"].map(names)
+        frame.to_parquet(target / f"{table}.parquet", index=False)
+    manifest = json.loads((target / "manifest.json").read_text("utf-8"))
+    manifest["labelled"].update(spec="reviews.csv", labels=sorted(names.values()))
+    (target / "manifest.json").write_text(json.dumps(manifest), "utf-8")
+    return target
+
+
+def test_file_source_labels_pass_then_a_changed_set_is_refused(
+    repo_params_raw: dict, ingested: Path, tmp_path: Path
+) -> None:
+    first = _as_file_source(ingested, tmp_path / "v1", {"negative": "bad", "positive": "good"})
+    assert _run(repo_params_raw, first, tmp_path)["success"]
+    good = tree_digest(tmp_path / "validated")
+    second = _as_file_source(ingested, tmp_path / "v2", {"negative": "bad", "positive": "great"})
+    with pytest.raises(ValidationFailed) as failure:
+        _run(repo_params_raw, second, tmp_path)
+    message = str(failure.value)
+    assert "labels changed between versions of data.source=reviews.csv" in message
+    assert "['bad', 'good']" in message and "['bad', 'great']" in message
+    assert tree_digest(tmp_path / "validated") == good
+    # Saying so in params accepts the new set.
+    assert _run(repo_params_raw, second, tmp_path, validation__labels=["bad", "great"])["success"]

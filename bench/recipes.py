@@ -1,0 +1,251 @@
+"""Which training recipe should a profile take? Each candidate runs the real stages
+(tokenizer, pretrain, finetune, evaluate) on several split seeds of the same data, beside
+the TF-IDF + LR baseline on the same splits; reports/bench/recipes.json gets every run
+and the mean and standard deviation per recipe.
+
+Recipes are chosen on validation accuracy; test accuracy is reported, never used to choose.
+
+    python -m bench.recipes                       # every candidate, split seeds 0 1 2
+    python -m bench.recipes --recipe cpu-demo --recipe "cpu-demo, no pretraining"
+    python -m bench.recipes --markdown            # the README table from the JSON
+
+A run whose tokenizer and pretraining params equal an earlier run's on the same split
+reuses that pretrained model (and counts its pretraining time), so the ablation and the
+transformer-only rows cost no second pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmops.config import override, parse_params, profile_overrides, read_raw
+from lmops.stages import (
+    FINETUNE_METRICS,
+    FINETUNED_DIR,
+    METRICS,
+    PRETRAIN_METRICS,
+    PRETRAINED_DIR,
+    STAGES,
+    TOKENIZER_DIR,
+    VALIDATED_DIR,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "reports" / "bench" / "recipes.json"
+
+# The cpu-demo profile is the recipe under test; the others change one thing in it.
+CPU_DEMO = profile_overrides(ROOT, "cpu-demo")
+
+CANDIDATES: dict[str, dict[str, Any]] = {
+    # Character WordPiece, 2x256 BERT with hashed n-gram input embeddings, task-adaptive
+    # masked-LM pretraining (Cramming-style), 2 epochs, the in-graph n-gram channel.
+    "cpu-demo": CPU_DEMO,
+    # The ablation: the same fine-tuning from random weights.
+    "cpu-demo, no pretraining": {**CPU_DEMO, "finetune.from_pretrained": False},
+    # Without the n-gram input embeddings.
+    "cpu-demo, no input n-grams": {**CPU_DEMO, "model.input_ngram_order": 0},
+    # Pretraining on the news corpus as well as the training texts.
+    "cpu-demo, corpus + train pretraining": {**CPU_DEMO, "pretrain.texts": ["corpus", "train"]},
+}
+
+
+def _workspace(base: Path, name: str, seed: int, validated: Path) -> Path:
+    root = base / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
+    (root / VALIDATED_DIR).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(validated, root / VALIDATED_DIR)
+    return root
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _baseline_val_accuracy(params: Any, validated: Path) -> float:
+    from tasks.evaluate import baseline_proba
+
+    train = pd.read_parquet(validated / "train.parquet")
+    val = pd.read_parquet(validated / "val.parquet")
+    labels = sorted(train["label"].unique())
+    probs = baseline_proba(params.evaluate, train, val["text"].tolist(), labels)
+    return float((probs.argmax(1) == val["label"].map(labels.index).to_numpy()).mean())
+
+
+def run_recipe(
+    name: str,
+    overrides: dict[str, Any],
+    seed: int,
+    base: Path,
+    validated: Path,
+    pretrained_cache: dict[str, tuple[Path, float]],
+) -> list[dict[str, Any]]:
+    """One recipe on one split; rows for the served model and, with an n-gram channel,
+    for its transformer alone."""
+    raw = read_raw(ROOT)
+    params = parse_params(override(raw, {**overrides, "data.split.seed": seed}))
+    root = _workspace(base, name, seed, validated)
+    seconds: dict[str, float] = {}
+    cache_key = json.dumps(
+        [params.tokenizer.model_dump(), params.model.model_dump(), params.pretrain.model_dump()],
+        sort_keys=True,
+    )
+    for stage in ("tokenizer", "pretrain", "finetune", "evaluate"):
+        if stage == "pretrain" and not params.finetune.from_pretrained:
+            continue
+        if stage in ("tokenizer", "pretrain") and cache_key in pretrained_cache:
+            source, cached_seconds = pretrained_cache[cache_key]
+            target = TOKENIZER_DIR if stage == "tokenizer" else PRETRAINED_DIR
+            shutil.copytree(source / target, root / target)
+            if stage == "pretrain":
+                shutil.copy2(source / PRETRAIN_METRICS, root / PRETRAIN_METRICS)
+            seconds[stage] = cached_seconds if stage == "pretrain" else 0.0
+            continue
+        started = time.perf_counter()
+        STAGES[stage](params, root)
+        seconds[stage] = round(time.perf_counter() - started, 1)
+    if params.finetune.from_pretrained and cache_key not in pretrained_cache:
+        pretrained_cache[cache_key] = (root, seconds["pretrain"])
+    metrics, finetune = _read(root / METRICS), _read(root / FINETUNE_METRICS)
+    common = {
+        "split_seed": seed,
+        "baseline_val_accuracy": round(_baseline_val_accuracy(params, validated), 5),
+        "baseline_test_accuracy": metrics["baseline"]["accuracy"],
+        "seconds": seconds,
+        "total_seconds": round(sum(seconds.values()), 1),
+        "best_epoch": finetune["best_epoch"],
+    }
+    if (root / PRETRAIN_METRICS).is_file() and params.finetune.from_pretrained:
+        pretrain = _read(root / PRETRAIN_METRICS)
+        common["pretrain_val_perplexity"] = pretrain["val_perplexity"]
+        common["pretrain_val_unigram_perplexity"] = pretrain["val_unigram_perplexity"]
+    rows = []
+    channel = finetune.get("ngram_channel")
+    if channel:
+        rows.append(
+            {
+                "recipe": name,
+                **common,
+                "val_accuracy": channel["val_accuracy_combined"],
+                "test_accuracy": metrics["model"]["accuracy"],
+                "transformer_weight": channel["transformer_weight"],
+            }
+        )
+    rows.append(
+        {
+            "recipe": f"{name} (transformer alone)" if channel else name,
+            **common,
+            "val_accuracy": finetune["val_accuracy"],
+            "test_accuracy": metrics.get("transformer_only", metrics["model"])["accuracy"],
+        }
+    )
+    shutil.rmtree(root / FINETUNED_DIR, ignore_errors=True)
+    return rows
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def stats(values: list[float]) -> dict[str, float]:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": round(statistics.mean(values), 5), "std": round(spread, 5)}
+
+    summary = []
+    for recipe in dict.fromkeys(r["recipe"] for r in runs):
+        mine = [r for r in runs if r["recipe"] == recipe]
+        summary.append(
+            {
+                "recipe": recipe,
+                "seeds": [r["split_seed"] for r in mine],
+                "val_accuracy": stats([r["val_accuracy"] for r in mine]),
+                "test_accuracy": stats([r["test_accuracy"] for r in mine]),
+                "baseline_val_accuracy": stats([r["baseline_val_accuracy"] for r in mine]),
+                "baseline_test_accuracy": stats([r["baseline_test_accuracy"] for r in mine]),
+                "test_margin_over_baseline": stats(
+                    [r["test_accuracy"] - r["baseline_test_accuracy"] for r in mine]
+                ),
+                "total_seconds": stats([r["total_seconds"] for r in mine]),
+            }
+        )
+    return summary
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| recipe | val accuracy | test accuracy | baseline test | test margin | stage seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in sorted(result["summary"], key=lambda s: -s["val_accuracy"]["mean"]):
+
+        def fmt(x: dict[str, float], scale: float = 100) -> str:
+            return f"{x['mean'] * scale:.2f} ± {x['std'] * scale:.2f}"
+
+        lines.append(
+            f"| {s['recipe']} | {fmt(s['val_accuracy'])} | {fmt(s['test_accuracy'])} | "
+            f"{fmt(s['baseline_test_accuracy'])} | {fmt(s['test_margin_over_baseline'])} | "
+            f"{s['total_seconds']['mean']:.0f} |"
+        )
+    lines.append(
+        f"\nAccuracy in %, mean ± standard deviation over split seeds "
+        f"{result['seeds']}; chosen on validation, test only reported."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", action="append", choices=sorted(CANDIDATES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--markdown", action="store_true", help="print the table and stop")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="combine the runs of several result files into --out"
+    )
+    args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text(encoding="utf-8")) for path in args.merge]
+        runs = [run for part in parts for run in part["runs"]]
+        result = {
+            "seeds": sorted({r["split_seed"] for r in runs}),
+            "candidates": {k: v for part in parts for k, v in part["candidates"].items()},
+            "runs": runs,
+            "summary": summarise(runs),
+        }
+        args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(markdown(result))
+        return
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+        return
+    names = args.recipe or list(CANDIDATES)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lmops-recipes-") as tmp:
+        base = Path(tmp)
+        for seed in args.seeds:
+            params = parse_params(override(read_raw(ROOT), {"data.split.seed": seed}))
+            data_root = base / f"data-seed{seed}"
+            STAGES["ingest"](params, data_root)
+            STAGES["validate"](params, data_root)
+            cache: dict[str, tuple[Path, float]] = {}
+            for name in names:
+                runs += run_recipe(
+                    name, CANDIDATES[name], seed, base, data_root / VALIDATED_DIR, cache
+                )
+                result = {
+                    "seeds": args.seeds,
+                    "candidates": {n: CANDIDATES[n] for n in names},
+                    "runs": runs,
+                    "summary": summarise(runs),
+                }
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+                print(markdown(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
