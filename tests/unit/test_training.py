@@ -219,7 +219,7 @@ def test_finetune_and_evaluate_against_the_baseline(
     assert roc[0]["fpr"] == 0 and roc[-1]["tpr"] == 1
     card = (tmp_path / "card.md").read_text("utf-8")
     assert "TF-IDF + LR baseline" in card and "Gates:" in card and "95% CI" in card
-    assert ("transformer alone" in card) == ngrams
+    assert ("| transformer alone |" in card) == ngrams
 
 
 def test_expected_calibration_error_of_a_perfectly_calibrated_model() -> None:
