@@ -29,10 +29,8 @@ def accelerator_for(cfg: OptimConfig) -> Any:
     import torch
     from accelerate import Accelerator
 
-    if torch.cuda.is_available():
-        fast_bf16 = torch.cuda.is_bf16_supported()
-    else:
-        fast_bf16 = cpu_has_fast_bf16()
+    on_gpu = torch.cuda.is_available()
+    fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bf16()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and fast_bf16)
     # cpu=True where there is no GPU: under torchrun that makes Accelerate use gloo across
     # processes (it otherwise looks only for accelerators and runs each process alone).

@@ -140,9 +140,7 @@ def _language_model_from(init_dir: Path, model_cfg: ModelConfig, dropout: float)
 
 def _skip_with_init(init_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
     """model.init_pretraining=skip: the checkpoint is the pretrained encoder, as it is."""
-    from transformers import AutoModel
-
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     encoder = AutoModel.from_pretrained(str(init_dir))
     with atomic_dir(out_dir) as scratch:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmops.config import profile_overrides, override, parse_params, read_raw
+from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.stages import METRICS, ONNX_DIR, STAGES, TOKENIZER_METRICS
 from tests.conftest import REPO_ROOT
 
@@ -47,9 +47,7 @@ def english_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_english_reviews_with_their_own_labels_run_end_to_end(english_project: Path) -> None:
     raw = override(read_raw(REPO_ROOT), profile_overrides(REPO_ROOT, "tiny"))
     params = parse_params(
-        override(
-            raw, {"data.source": "data/raw/reviews.csv", "data.corpus": "data/raw/plots.txt"}
-        )
+        override(raw, {"data.source": "data/raw/reviews.csv", "data.corpus": "data/raw/plots.txt"})
     )
     for stage in STAGES:
         STAGES[stage](params, english_project)

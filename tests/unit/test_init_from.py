@@ -56,9 +56,12 @@ def test_continue_pretraining_from_an_earlier_lmops_checkpoint(
 
     # The checkpoint's own vocabulary, not a newly trained one.
     vocab = json.loads((later / TOKENIZER_DIR / "tokenizer.json").read_text("utf-8"))
-    assert vocab["model"]["vocab"] == json.loads(
-        (earlier / PRETRAINED_DIR / "tokenizer.json").read_text("utf-8")
-    )["model"]["vocab"]
+    assert (
+        vocab["model"]["vocab"]
+        == json.loads((earlier / PRETRAINED_DIR / "tokenizer.json").read_text("utf-8"))["model"][
+            "vocab"
+        ]
+    )
     # The same number of steps again, from the checkpoint: lower loss than from scratch.
     continued = json.loads((later / PRETRAIN_METRICS).read_text("utf-8"))
     assert continued["val_loss"] < scratch_loss
@@ -111,8 +114,12 @@ def test_init_from_faults_name_the_param(
 ) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LmopsError, match="model.init_from: .* no Hugging Face checkpoint"):
-        _stages(_params(repo_params_raw, model__init_from="empty"), tmp_path, tiny_validated,
-                "tokenizer")
+        _stages(
+            _params(repo_params_raw, model__init_from="empty"),
+            tmp_path,
+            tiny_validated,
+            "tokenizer",
+        )
     with pytest.raises(LmopsError, match="model.init_from: .*max_length"):
         _stages(
             _params(repo_params_raw, model__init_from=str(_minilm()), model__max_length=1024),
