@@ -224,6 +224,8 @@ class ServeConfig(_Strict):
 
 
 class PromotionConfig(_Strict):
+    max_accuracy_drop: float = Field(ge=0, le=1)
+    max_macro_f1_drop: float = Field(ge=0, le=1)
     accuracy_vs_prod: PairedRuleConfig
     macro_f1_vs_prod: PairedRuleConfig
     confidence: float = Field(gt=0.5, lt=1)

@@ -143,8 +143,10 @@ def _paired_gate(
     challenger: str,
     champion: str,
     rule: PairedRuleConfig,
+    max_drop: float,
     cfg: PromotionConfig,
 ) -> dict[str, Any]:
+    """The point estimate within `max_drop` of prod, and the paired rule."""
     from lmops.stats import compare
 
     models = measured["models"]
@@ -158,7 +160,7 @@ def _paired_gate(
         cfg.confidence,
         cfg.bootstrap_samples,
     )
-    needed = (
+    needed = f">= -{max_drop} and " + (
         "CI low > 0 (superiority)"
         if rule.rule == "superiority"
         else f"CI low > -{rule.margin} (non-inferiority)"
@@ -166,7 +168,7 @@ def _paired_gate(
     return {
         **_gate(
             name,
-            paired["passed"],
+            paired["difference"] >= -max_drop and paired["passed"],
             f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]",
             needed,
             paired["reading"],
@@ -189,6 +191,7 @@ def relative_gates(
             challenger,
             champion,
             cfg.accuracy_vs_prod,
+            cfg.max_accuracy_drop,
             cfg,
         ),
         _paired_gate(
@@ -198,6 +201,7 @@ def relative_gates(
             challenger,
             champion,
             cfg.macro_f1_vs_prod,
+            cfg.max_macro_f1_drop,
             cfg,
         ),
         _gate(
