@@ -75,6 +75,7 @@ def _pretrain(params: Params, root: Path) -> Any:
         params.pretrain,
         params.model,
         init_dir=init_checkpoint(params.model, root),
+        used=params.finetune.from_pretrained,
         tokenizer_dir=root / TOKENIZER_DIR,
         validated_dir=root / VALIDATED_DIR,
         out_dir=root / PRETRAINED_DIR,

@@ -138,7 +138,20 @@ def _language_model_from(init_dir: Path, model_cfg: ModelConfig, dropout: float)
     )
 
 
-def _skip_with_init(init_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+def _skip(out_dir: Path, live_dir: Path, metrics_path: Path, why: str) -> dict[str, Any]:
+    metrics = {"objective": f"none ({why})", "steps": 0}
+    with atomic_dir(out_dir) as scratch:
+        write_json(scratch / "skipped.json", metrics)
+    # The stage's other outputs exist too, saying why they hold no curves (DVC wants them).
+    write_json(live_dir / "skipped.json", metrics)
+    write_json(metrics_path, metrics)
+    log.info("pretrain: skipped: %s", why)
+    return metrics
+
+
+def _skip_with_init(
+    init_dir: Path, out_dir: Path, live_dir: Path, metrics_path: Path
+) -> dict[str, Any]:
     """model.init_pretraining=skip: the checkpoint is the pretrained encoder, as it is."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -152,6 +165,7 @@ def _skip_with_init(init_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
         "parameters": count_parameters(encoder),
         "steps": 0,
     }
+    write_json(live_dir / "skipped.json", metrics)
     write_json(metrics_path, metrics)
     log.info("pretrain: skipped; the encoder is %s as it is", init_dir)
     return metrics
@@ -247,11 +261,16 @@ def run(
     live_dir: Path,
     metrics_path: Path,
     init_dir: Path | None = None,
+    used: bool = True,
 ) -> dict[str, Any]:
+    """Pretrain; `used` is false when fine-tuning starts from random weights
+    (`finetune.from_pretrained: false`), and then nothing is trained for nobody."""
     from tqdm.auto import tqdm
 
+    if not used:
+        return _skip(out_dir, live_dir, metrics_path, "finetune.from_pretrained is false")
     if init_dir is not None and model_cfg.init_pretraining == "skip":
-        return _skip_with_init(init_dir, out_dir, metrics_path)
+        return _skip_with_init(init_dir, out_dir, live_dir, metrics_path)
     tokenizer = load_tokenizer(tokenizer_dir)
     # Task-adaptive pretraining: `pretrain.texts` may leave the general corpus out.
     texts = [

@@ -311,3 +311,23 @@ def test_pretrain_and_finetune_run_data_parallel_under_torchrun(
     assert (tmp_path / "models" / "pretrained" / "model.safetensors").is_file()
     assert not (tmp_path / "models" / "checkpoints" / "pretrain").exists()
     assert (tmp_path / "models" / "finetuned" / "model.safetensors").is_file()
+
+
+def test_pretraining_nobody_uses_is_skipped_with_its_reason(
+    repo_params_raw: dict, tokenizer_dir: Path, tiny_validated: Path, tmp_path: Path
+) -> None:
+    params = tiny(repo_params_raw, finetune__from_pretrained=False)
+    metrics = pretrain.run(
+        params.pretrain,
+        params.model,
+        tokenizer_dir,
+        tiny_validated,
+        tmp_path / "pretrained",
+        tmp_path / "ckpt",
+        tmp_path / "live",
+        tmp_path / "p.json",
+        used=params.finetune.from_pretrained,
+    )
+    assert metrics == {"objective": "none (finetune.from_pretrained is false)", "steps": 0}
+    for out in ("pretrained", "live"):
+        assert json.loads((tmp_path / out / "skipped.json").read_text("utf-8")) == metrics
