@@ -153,8 +153,9 @@ def run_recipe(
     }
     if (root / PRETRAIN_METRICS).is_file() and params.finetune.from_pretrained:
         pretrain = _read(root / PRETRAIN_METRICS)
-        common["pretrain_val_perplexity"] = pretrain["val_perplexity"]
-        common["pretrain_val_unigram_perplexity"] = pretrain["val_unigram_perplexity"]
+        if "val_perplexity" in pretrain:  # not when model.init_pretraining skipped it
+            common["pretrain_val_perplexity"] = pretrain["val_perplexity"]
+            common["pretrain_val_unigram_perplexity"] = pretrain["val_unigram_perplexity"]
     rows = []
     channel = finetune.get("ngram_channel")
     if channel:
