@@ -181,6 +181,21 @@ def test_finetune_and_evaluate_against_the_baseline(
         channel = summary["ngram_channel"]
         assert channel["transformer_weight"] in params.finetune.ngram_channel.transformer_weights
         assert channel["val_accuracy_ngram"] > 0.6  # the n-gram LR learns from 1,200 reviews
+        # The graph's hashing (torch) scores val exactly as the fit's features (numpy) did.
+        import pandas as pd
+        import torch
+
+        from lmops.batching import collate, encode
+        from lmops.modeling import load_tokenizer
+
+        val = pd.read_parquet(tiny_validated / "val.parquet")
+        tok = load_tokenizer(tmp_path / "finetuned")
+        ids = encode(tok, val["text"].tolist(), params.model.max_length)
+        with torch.no_grad():
+            logits = model.ngram(**collate(ids, tok.pad_token_id))
+        targets = val["label"].map(model.spec.labels.index).to_numpy()
+        graph_accuracy = float((logits.argmax(1).numpy() == targets).mean())
+        assert graph_accuracy == pytest.approx(channel["val_accuracy_ngram"], abs=1e-5)
 
     metrics = evaluate.run(
         params.evaluate,
