@@ -418,6 +418,17 @@ def apply_overrides(root: Path, overrides: dict[str, Any]) -> tuple[Params, dict
     return params, changed
 
 
+def _yaml11_float(representer: Any, value: float) -> Any:
+    """`1e-05` is a string to YAML 1.1 readers (PyYAML, which loads params): write `1.0e-05`."""
+    text = repr(value)
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    if text in {"inf", "-inf", "nan"}:
+        text = {"inf": ".inf", "-inf": "-.inf", "nan": ".nan"}[text]
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
 def _write_round_trip(path: Path, overrides: dict[str, Any]) -> None:
     from ruamel.yaml import YAML
 
@@ -426,6 +437,7 @@ def _write_round_trip(path: Path, overrides: dict[str, Any]) -> None:
     round_trip.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    round_trip.representer.add_representer(float, _yaml11_float)
     document = round_trip.load(path.read_text(encoding="utf-8"))
     for key, value in overrides.items():
         node = document

@@ -77,6 +77,14 @@ def test_overrides_are_written_keeping_comments(project: Path) -> None:
     assert load_params(project).data.max_rows == 1500
 
 
+def test_small_floats_written_by_set_read_back_as_floats(project: Path) -> None:
+    # ruamel writes 1e-05, which PyYAML (YAML 1.1) reads as the string '1e-05'.
+    apply_overrides(project, resolve_overrides(project, None, ["finetune.learning_rate=1.0e-5"]))
+    assert load_params(project).finetune.learning_rate == 1e-5
+    text = (project / "params.yaml").read_text("utf-8")
+    assert yaml.safe_load(text)["finetune"]["learning_rate"] == 1e-5
+
+
 def test_invalid_override_leaves_params_untouched(project: Path) -> None:
     before = (project / "params.yaml").read_bytes()
     with pytest.raises(ConfigError, match=r"data\.split\.seed"):
