@@ -64,11 +64,10 @@ def _with_loss(model: Any, label_smoothing: float) -> Any:
 def _val_loss_and_accuracy(
     model: Any, tokenizer: Any, texts: list[str], targets: Any, max_length: int
 ) -> tuple[float, float]:
-    import numpy as np
+    from lmops.ngrams import log_loss
 
     probs = predict_proba(model, tokenizer, texts, max_length)
-    picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
-    return float(-np.log(picked).mean()), float((probs.argmax(1) == targets).mean())
+    return log_loss(probs, targets), float((probs.argmax(1) == targets).mean())
 
 
 def train_classifier(
