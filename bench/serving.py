@@ -131,7 +131,7 @@ def engines(
                     timed(lambda s=sess, f=feed: s.run(["logits"], f), seconds) * 1000
                 )
                 row[f"{name}_vs_eager"] = row["eager_ms"] / row[f"{name}_ms"]
-            row["gflop"] = forward_flops(model.config, lengths) / 1e9
+            row["gflop"] = forward_flops(model.encoder.config, lengths) / 1e9
             row["ort_fp32_gflops"] = row["gflop"] / (row["ort_fp32_ms"] / 1000)
             results[f"batch_{batch}"] = {k: round(v, 4) for k, v in row.items()}
     results["int8_accuracy_drop"] = round(
