@@ -275,10 +275,8 @@ def serve(
 ) -> None:
     """Serve the exported model with ONNX Runtime: /v1/predict, /v2 (Open Inference
     Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
-    import uvicorn
-
     from lmops.config import load_params
-    from serving.app import create_app
+    from serving.app import create_app, run_server
     from serving.engine import Engine
 
     _log_to_console()
@@ -298,12 +296,11 @@ def serve(
         + following,
         err=True,
     )
-    uvicorn.run(
+    run_server(
         create_app(cfg, engine, root, resolve),
-        host=host or cfg.host,
-        port=cfg.port if port is None else port,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
+        host or cfg.host,
+        cfg.port if port is None else port,
+        cfg.drain_seconds,
     )
 
 

@@ -219,7 +219,9 @@ class ServeConfig(_Strict):
     max_texts_per_request: int = Field(ge=1)
     max_chars_per_text: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1024)
+    max_request_id_chars: int = Field(ge=8)
     poll_seconds: float = Field(gt=0)
+    drain_seconds: float = Field(ge=0)
     traffic: TrafficConfig
 
 

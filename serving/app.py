@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +28,12 @@ from prometheus_client import (
 from pydantic import BaseModel, StrictStr
 
 from lmops.config import ServeConfig
-from serving.batcher import MicroBatcher, Overloaded
+from serving.batcher import MicroBatcher, Overloaded, TextRejected
 from serving.engine import Engine
 from serving.swap import LiveModel, Resolver, StageWatcher
 from serving.traffic import TrafficLog
+
+log = logging.getLogger(__name__)
 
 
 class ClientError(Exception):
@@ -57,12 +60,9 @@ class InferRequest(BaseModel):
     outputs: list[dict[str, Any]] | None = None
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """413 for a body over the limit, whether it announces its length or streams."""
+    """413 for a body over the limit, whether it announces its length or streams (chunked:
+    read here up to the limit, then handed on)."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -80,30 +80,33 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(int(declared))(scope, receive, send)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
+        if declared is not None:
+            # The HTTP parser never hands on more than the declared length.
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._reject(int(declared))(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body, message = b"", {"more_body": True}
+        while message.get("more_body", False):
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._reject(None)(scope, receive, send)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._reject(None)(scope, receive, send)
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
 
 
 class RequestMetrics:
     """Counts requests by endpoint and status, and times them. A plain ASGI middleware:
     Starlette's `@app.middleware("http")` costs far more per request."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, state: Any) -> None:
+        self.app, self.metrics, self.state = app, metrics, state
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -114,6 +117,8 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.state.draining:  # clients reconnect rather than keep a closing line
+                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
         try:
@@ -172,6 +177,20 @@ class Metrics:
             "Polls where the version to serve could not be resolved (the registry unreadable)",
             registry=self.registry,
         )
+        self.traffic_log_errors = Counter(
+            "lmops_traffic_log_errors",
+            "Answered requests whose traffic-log records were lost, by kind (write: the disk "
+            "refused them; dropped: the writer fell too far behind)",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("write", "dropped"):
+            self.traffic_log_errors.labels(kind)
+        self.rejected_texts = Counter(
+            "lmops_rejected_texts",
+            "Requests refused because the model fails on one of their texts alone",
+            registry=self.registry,
+        )
 
     def _info_labels(self, engine: Engine) -> tuple[str, ...]:
         return (self.model_name, engine.version, engine.variant, engine.providers[0], engine.device)
@@ -216,7 +235,12 @@ def create_app(
     """Serve `engine`; given `resolve`, follow the version it names every
     `serve.poll_seconds` with a hot swap (serving/swap.py)."""
     metrics = Metrics(engine, cfg.model_name)
-    traffic = TrafficLog(root / cfg.traffic.dir, cfg.traffic.store_text, cfg.traffic.rotate_mb)
+    traffic = TrafficLog(
+        root / cfg.traffic.dir,
+        cfg.traffic.store_text,
+        cfg.traffic.rotate_mb,
+        on_error=lambda kind: metrics.traffic_log_errors.labels(kind).inc(),
+    )
     live_model = LiveModel(engine)
 
     def load(version: str, model_dir: Path) -> Engine:
@@ -245,12 +269,16 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
         await batcher.drain()
+        traffic.close()
 
     app = FastAPI(title="lmops", lifespan=lifespan)
     app.state.ready = False
+    # Set by the first SIGTERM (DrainingServer): not ready, still answering.
+    app.state.draining = False
+    app.state.traffic = traffic
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, state=app.state)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, err: ClientError) -> JSONResponse:
@@ -262,6 +290,17 @@ def create_app(
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(err)
         return JSONResponse(status_code=status, content={"error": message})
+
+    @app.exception_handler(TextRejected)
+    async def rejected(request: Request, err: TextRejected) -> JSONResponse:
+        metrics.rejected_texts.inc()
+        return JSONResponse(status_code=422, content={"error": str(err)})
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(
+            status_code=500, content={"error": f"server fault: {type(err).__name__}: {err}"}
+        )
 
     async def predict(texts: list[str], request_id: str) -> list[Any]:
         if not texts:
@@ -278,6 +317,13 @@ def create_app(
                     f"text {index} has {len(text):,} characters, over "
                     f"serve.max_chars_per_text={cfg.max_chars_per_text:,}",
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate such as "\\ud800" in the JSON
+                raise ClientError(
+                    422,
+                    f"text {index} is not valid Unicode: {err.reason} at character {err.start}",
+                ) from None
         started = time.perf_counter()
         try:
             predictions = await batcher.submit(texts)
@@ -293,8 +339,18 @@ def create_app(
         metrics.texts.inc(len(texts))
         return predictions
 
+    def _checked_id(request_id: str, where: str) -> str:
+        if len(request_id) > cfg.max_request_id_chars:
+            raise ClientError(
+                400,
+                f"{where} is {len(request_id):,} characters, over "
+                f"serve.max_request_id_chars={cfg.max_request_id_chars}",
+            )
+        return request_id
+
     def _request_id(request: Request) -> str:
-        return request.headers.get("x-request-id") or uuid.uuid4().hex
+        given = request.headers.get("x-request-id")
+        return _checked_id(given, "x-request-id") if given else uuid.uuid4().hex
 
     @app.post("/v1/predict", dependencies=[Depends(_require_json)])
     async def v1_predict(body: PredictRequest, request: Request) -> ORJSONResponse:
@@ -326,10 +382,23 @@ def create_app(
     async def live() -> dict[str, bool]:
         return {"live": True}
 
+    def traffic_log_status() -> dict[str, Any]:
+        if traffic.degraded is None:
+            return {"status": "ok", "errors": traffic.errors}
+        return {"status": "degraded", "error": traffic.degraded, "errors": traffic.errors}
+
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        status = 200 if app.state.ready else 503
-        return JSONResponse(status_code=status, content={"ready": app.state.ready})
+        # A degraded traffic log does not make the server unready: predictions still work.
+        is_ready = app.state.ready and not app.state.draining
+        return JSONResponse(
+            status_code=200 if is_ready else 503,
+            content={
+                "ready": is_ready,
+                "draining": app.state.draining,
+                "traffic_log": traffic_log_status(),
+            },
+        )
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> dict[str, Any]:
@@ -350,6 +419,7 @@ def create_app(
                 "providers": engine.providers,
                 "device": engine.device,
                 "max_length": engine.max_length,
+                "traffic_log": traffic_log_status(),
             },
         }
 
@@ -369,7 +439,8 @@ def create_app(
                 f"input {tensor.name!r}: shape {tensor.shape} does not match "
                 f"{len(tensor.data)} elements",
             )
-        predictions = await predict(tensor.data, body.id or _request_id(request))
+        request_id = _checked_id(body.id, "id") if body.id else _request_id(request)
+        predictions = await predict(tensor.data, request_id)
         labels = list(predictions[0].probabilities)
         return {
             "model_name": cfg.model_name,
@@ -397,3 +468,30 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def run_server(app: FastAPI, host: str, port: int, drain_seconds: float) -> None:
+    """Run `app` under uvicorn, draining on the first SIGTERM or Ctrl-C the way a load
+    balancer expects: `/v2/health/ready` answers 503 at once, every request is still
+    answered for `drain_seconds` (with `Connection: close`, so clients reconnect rather
+    than keep a line that is about to close), then uvicorn's graceful shutdown lets the
+    requests in flight finish. A second signal stops at once."""
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if app.state.draining or not drain_seconds:
+                return super().handle_exit(sig, frame)
+            app.state.draining = True
+            log.warning("draining for %g s (serve.drain_seconds), then stopping", drain_seconds)
+            stop = threading.Timer(drain_seconds, super().handle_exit, (sig, frame))
+            stop.daemon = True
+            stop.start()
+            return None
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30
+    )
+    DrainingServer(config).run()

@@ -1,18 +1,37 @@
 """Micro-batching: requests wait up to `max_wait_ms` to share one session run of at most
-`max_batch_size` texts. Each caller gets exactly its own answers back, in order."""
+`max_batch_size` texts. Each caller gets exactly its own answers back, in order.
+
+One caller's bad text must not fail its batch-mates: when a batch fails, its texts are run
+again one by one, each request gets its own answers, and a request holding a text that
+fails alone (while the engine still answers a plain text) hears `TextRejected` naming it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+# What a healthy engine always answers: the check that tells a poison text from a broken engine.
+PLAIN_TEXT = "ok"
+
 
 class Overloaded(Exception):
     """The queue is full: the caller should retry later (503 + Retry-After)."""
+
+
+class TextRejected(Exception):
+    """The engine fails on this text alone, and answers others (a 4xx for its caller)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"text {index} could not be processed by the model: {reason}")
+        self.index, self.reason = index, reason
 
 
 @dataclass
@@ -77,30 +96,73 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if self._carry is not None:
                 batch, self._carry = [self._carry], None
             else:
                 batch = await self._gather()
-            texts = [t for request in batch for t in request.texts]
-            self._on_batch(len(texts), self.queue.qsize())
             self._busy = True
             try:
-                results = await loop.run_in_executor(self._executor, self._predict, texts)
-            except Exception as err:  # the engine failed: every waiting caller hears why
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(err)
-                continue
+                await self._answer(batch)
+            except Exception as err:  # the batcher must outlive anything a batch does
+                log.exception("micro-batcher: a batch failed unexpectedly")
+                self._settle(batch, err)
             finally:
                 self._busy = False
-            start = 0
-            for request in batch:
-                end = start + len(request.texts)
-                if not request.future.done():
-                    request.future.set_result(results[start:end])
-                start = end
+
+    async def _answer(self, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        texts = [t for request in batch for t in request.texts]
+        self._on_batch(len(texts), self.queue.qsize())
+        try:
+            results = await loop.run_in_executor(self._executor, self._predict, texts)
+        except Exception as err:
+            await self._isolate(batch, err)
+            return
+        start = 0
+        for request in batch:
+            end = start + len(request.texts)
+            if not request.future.done():
+                request.future.set_result(results[start:end])
+            start = end
+
+    async def _isolate(self, batch: list[_Request], batch_error: Exception) -> None:
+        """Run a failed batch's texts one by one, so that only the callers whose texts fail
+        alone hear of it; when a plain text fails too, the engine is broken, and every
+        caller hears the original error."""
+        loop = asyncio.get_running_loop()
+
+        def alone(text: str) -> Any:
+            try:
+                return self._predict([text])[0]
+            except Exception as err:
+                return err
+
+        answers = [
+            [await loop.run_in_executor(self._executor, alone, t) for t in request.texts]
+            for request in batch
+        ]
+        failed = any(isinstance(a, Exception) for texts in answers for a in texts)
+        plain = await loop.run_in_executor(self._executor, alone, PLAIN_TEXT) if failed else None
+        if isinstance(plain, Exception):
+            log.error("micro-batcher: the engine fails on a plain text too: %s", batch_error)
+            self._settle(batch, batch_error)
+            return
+        for request, request_answers in zip(batch, answers, strict=True):
+            if request.future.done():
+                continue
+            bad = next((i for i, a in enumerate(request_answers) if isinstance(a, Exception)), None)
+            if bad is None:
+                request.future.set_result(request_answers)
+            else:
+                why = request_answers[bad]
+                request.future.set_exception(TextRejected(bad, f"{type(why).__name__}: {why}"))
+
+    @staticmethod
+    def _settle(batch: list[_Request], err: Exception) -> None:
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(err)
 
     async def drain(self, timeout: float = 30) -> None:
         """Let queued requests finish (graceful shutdown), then stop the worker."""

@@ -2,35 +2,64 @@
 
 Files are `traffic-<UTC hour>.jsonl` under the configured folder, with a numeric suffix
 when one grows past `rotate_mb`; with `store_text: false` only the text's SHA-256 is kept.
+
+The log must never fail a prediction. Requests only put their records on a bounded queue;
+one writer thread appends them. A write that fails (folder missing or replaced by a file,
+disk full) is counted, logged at most once a minute, and cut back to the last whole line;
+the next write tries again, recreating the folder and reopening a file that was unlinked
+under the server, so logging resumes by itself once the disk allows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
+import queue
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+# Records waiting for the writer; beyond this they are dropped (and counted), never waited on.
+MAX_PENDING = 10_000
+# At most one log line per this many seconds while writes keep failing.
+ERROR_LOG_INTERVAL_S = 60.0
+_STOP = None
+
 
 class TrafficLog:
-    def __init__(self, directory: Path, store_text: bool, rotate_mb: float) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        store_text: bool,
+        rotate_mb: float,
+        on_error: Callable[[str], None] | None = None,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        """`on_error(kind)` hears of every request whose records were lost: kind "write"
+        (the disk refused them) or "dropped" (the writer was too far behind)."""
         self.directory = directory
         self.store_text = store_text
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
-        self._lock = threading.Lock()
-        self._handle: Any = None
+        self._on_error = on_error or (lambda kind: None)
+        self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
+        self._fd: int | None = None
         self._hour = ""
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, now: datetime) -> Path:
-        stem = f"traffic-{now:%Y%m%dT%H}"
-        path, part = self.directory / f"{stem}.jsonl", 0
-        while path.exists() and path.stat().st_size >= self.rotate_bytes:
-            part += 1
-            path = self.directory / f"{stem}.{part}.jsonl"
-        return path
+        # Why the last write failed; None while logging works.
+        self.degraded: str | None = None
+        self.errors = 0
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._unlogged_errors = 0
+        self._error_lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="traffic-log", daemon=True)
+        self._writer.start()
 
     def append(
         self,
@@ -39,11 +68,12 @@ class TrafficLog:
         predictions: list[Any],
         latency_ms: float,
     ) -> None:
-        now = datetime.now(UTC)
+        """Queue one request's records; never blocks and never raises."""
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
         lines = []
         for text, prediction in zip(texts, predictions, strict=True):
             record: dict[str, Any] = {
-                "timestamp": now.isoformat(timespec="milliseconds"),
+                "timestamp": now,
                 "request_id": request_id,
                 "label": prediction.label,
                 "score": round(prediction.score, 6),
@@ -55,18 +85,109 @@ class TrafficLog:
             else:
                 record["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
             lines.append(json.dumps(record, ensure_ascii=False))
-        with self._lock:
-            handle = self._handle_for(now)
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
+        try:
+            self._pending.put_nowait(("\n".join(lines) + "\n").encode("utf-8"))
+        except queue.Full:
+            self._failed("dropped", f"{MAX_PENDING:,} records already wait for the disk")
 
-    def _handle_for(self, now: datetime) -> Any:
-        """The open file for this hour, reopened when the hour turns or it grows too big;
-        opening a file per request was a measurable share of the server's time."""
+    def flush(self) -> None:
+        """Wait until every queued record was written or counted as lost."""
+        self._pending.join()
+
+    def close(self, timeout: float = 10) -> None:
+        """Write what is queued, then stop the writer (at shutdown)."""
+        self._pending.put(_STOP)
+        self._writer.join(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            chunk = self._pending.get()
+            if chunk is _STOP:
+                self._close_file()
+                self._pending.task_done()
+                return
+            chunks = [chunk]
+            while len(chunks) < 256:  # what queued meanwhile goes out in the same write
+                try:
+                    more = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._pending.task_done()
+                    self._pending.put(_STOP)
+                    break
+                chunks.append(more)
+            try:
+                self._write(b"".join(chunks))
+            except Exception as err:  # the writer thread must outlive any failure
+                self._failed("write", f"{type(err).__name__}: {err}", requests=len(chunks))
+            finally:
+                for _ in chunks:
+                    self._pending.task_done()
+
+    def _write(self, data: bytes) -> None:
+        fd = self._file(datetime.now(UTC))
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write: {written} of {len(data)} bytes (disk full?)")
+        except OSError:
+            # No partial lines: cut the file back to where this write began.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            self._close_file()
+            raise
+        if self.degraded is not None:
+            log.warning("traffic log: writing to %s again (%s)", self.directory, self.degraded)
+            self.degraded = None
+
+    def _file(self, now: datetime) -> int:
+        """The open file for this hour: reopened when the hour turns, when it grows past
+        rotate_mb, and when it was unlinked (its folder deleted) under the server."""
         hour = now.strftime("%Y%m%dT%H")
-        if self._handle is None or self._hour != hour or self._handle.tell() >= self.rotate_bytes:
-            if self._handle is not None:
-                self._handle.close()
-            self._handle = self._path(now).open("a", encoding="utf-8")
+        if self._fd is not None:
+            stat = os.fstat(self._fd)
+            if self._hour != hour or stat.st_size >= self.rotate_bytes or stat.st_nlink == 0:
+                self._close_file()
+        if self._fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(
+                self._path(now), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
             self._hour = hour
-        return self._handle
+        return self._fd
+
+    def _path(self, now: datetime) -> Path:
+        stem = f"traffic-{now:%Y%m%dT%H}"
+        path, part = self.directory / f"{stem}.jsonl", 0
+        while path.exists() and path.stat().st_size >= self.rotate_bytes:
+            part += 1
+            path = self.directory / f"{stem}.{part}.jsonl"
+        return path
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _failed(self, kind: str, reason: str, requests: int = 1) -> None:
+        for _ in range(requests):
+            self._on_error(kind)
+        with self._error_lock:  # the writer and the event loop both report
+            self.degraded = reason
+            self.errors += requests
+            self._unlogged_errors += requests
+            now = time.monotonic()
+            if now - self._last_error_log < ERROR_LOG_INTERVAL_S:
+                return
+            unlogged, self._last_error_log, self._unlogged_errors = self._unlogged_errors, now, 0
+        log.error(
+            "traffic log: %d request(s) not logged to %s: %s (predictions are still answered; "
+            "next report in %.0f s at most)",
+            unlogged,
+            self.directory,
+            reason,
+            ERROR_LOG_INTERVAL_S,
+        )

@@ -232,7 +232,9 @@ def tiny_export(
     return get
 
 
-def start_server(command: list[str], cwd: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    command: list[str], cwd: Path, port: int, log: Path, preexec_fn: Callable[[], Any] | None = None
+) -> subprocess.Popen:
     """Start a server process (its output to `log`) and wait until /v2/health/ready says so."""
     import time
 
@@ -240,7 +242,12 @@ def start_server(command: list[str], cwd: Path, port: int, log: Path) -> subproc
 
     with log.open("w", encoding="utf-8") as output:
         server = subprocess.Popen(
-            command, cwd=cwd, env=tool_env(), stdout=output, stderr=subprocess.STDOUT
+            command,
+            cwd=cwd,
+            env=tool_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -257,8 +264,14 @@ def start_server(command: list[str], cwd: Path, port: int, log: Path) -> subproc
 
 
 def stop_server(server: subprocess.Popen) -> int:
-    """SIGTERM, as an orchestrator stops it: the exit status of a graceful shutdown."""
+    """SIGTERM, as an orchestrator stops it: the exit status of a graceful shutdown. A second
+    SIGTERM skips the drain period (serve.drain_seconds), which tests/faults checks."""
+    import time
+
     server.terminate()
+    time.sleep(0.2)
+    if server.poll() is None:
+        server.terminate()
     try:
         return server.wait(timeout=30)
     except subprocess.TimeoutExpired:

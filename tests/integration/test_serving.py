@@ -70,7 +70,9 @@ def test_v1_predict_answers_each_text(server: str, engine: Engine, texts: list[s
 
 def test_v2_protocol(server: str, engine: Engine, texts: list[str]) -> None:
     assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
-    assert httpx.get(f"{server}/v2/health/ready").json() == {"ready": True}
+    ready = httpx.get(f"{server}/v2/health/ready").json()
+    assert ready["ready"] is True and ready["draining"] is False
+    assert ready["traffic_log"]["status"] == "ok"
     metadata = httpx.get(f"{server}/v2/models/lmops").json()
     assert metadata["inputs"][0]["datatype"] == "BYTES"
     # onnxruntime-gpu lists CUDA here, but without CUDA libraries the session falls back
@@ -236,12 +238,18 @@ def test_metrics_expose_requests_errors_and_the_provider(server: str, engine: En
 def test_traffic_log_records_every_prediction(server: str, workspace: Path) -> None:
     marker = f"traffic check {time.time()}"
     httpx.post(f"{server}/v1/predict", json={"texts": [marker]}, headers={"x-request-id": "t-1"})
-    records = [
-        json.loads(line)
-        for path in (workspace / "data" / "traffic").glob("*.jsonl")
-        for line in path.read_text("utf-8").splitlines()
-    ]
-    (record,) = [r for r in records if r.get("text") == marker]
+    deadline = time.monotonic() + 10
+    while True:  # written off the request path, by the log's own thread
+        records = [
+            json.loads(line)
+            for path in (workspace / "data" / "traffic").glob("*.jsonl")
+            for line in path.read_text("utf-8").splitlines()
+        ]
+        matching = [r for r in records if r.get("text") == marker]
+        if matching or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (record,) = matching
     assert record["request_id"] == "t-1"
     assert set(record) >= {"timestamp", "label", "score", "latency_ms", "model_version"}
 
@@ -252,6 +260,7 @@ def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> Non
 
     log = TrafficLog(tmp_path, store_text=False, rotate_mb=1)
     log.append("r", ["secret review"], [Prediction("positive", 0.9, {}, "v")], 1.0)
+    log.close()
     (path,) = tmp_path.glob("*.jsonl")
     record = json.loads(path.read_text("utf-8"))
     assert "text" not in record and len(record["text_sha256"]) == 64

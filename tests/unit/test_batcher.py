@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving.batcher import MicroBatcher, Overloaded
+from serving.batcher import MicroBatcher, Overloaded, TextRejected
 
 
 def _slow_echo(calls: list[int]):
@@ -61,3 +61,56 @@ def test_drain_answers_everything_queued_before_stopping() -> None:
         return [task.result() for task in pending]
 
     assert asyncio.run(scenario()) == [[str(i)] for i in range(10)]
+
+
+def _fails_on(poison: str, broken: list[bool]):
+    """An engine that cannot take `poison` (in any batch), and fails on everything while
+    `broken[0]` is set."""
+
+    def predict(texts: list[str]) -> list[str]:
+        if broken[0] or poison in texts:
+            raise ValueError("cannot encode")
+        return [t.upper() for t in texts]
+
+    return predict
+
+
+def test_a_poison_text_fails_only_its_own_request() -> None:
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher(
+            _fails_on("bad", [False]), max_batch_size=16, max_wait_ms=20, max_queue=100
+        )
+        batcher.start()
+        answers = await asyncio.gather(
+            batcher.submit(["a", "b"]),
+            batcher.submit(["c", "bad", "d"]),
+            batcher.submit(["e"]),
+            return_exceptions=True,
+        )
+        after = await batcher.submit(["f"])  # the batcher lives on
+        await batcher.drain()
+        return [*answers, after]
+
+    first, poisoned, third, after = asyncio.run(scenario())
+    assert first == ["A", "B"] and third == ["E"] and after == ["F"]
+    assert isinstance(poisoned, TextRejected) and poisoned.index == 1
+    assert "text 1" in str(poisoned) and "cannot encode" in str(poisoned)
+
+
+def test_a_broken_engine_is_not_blamed_on_the_texts() -> None:
+    broken = [True]
+
+    async def scenario() -> tuple[object, list[str]]:
+        batcher = MicroBatcher(
+            _fails_on("bad", broken), max_batch_size=8, max_wait_ms=0, max_queue=9
+        )
+        batcher.start()
+        (failure,) = await asyncio.gather(batcher.submit(["a"]), return_exceptions=True)
+        broken[0] = False
+        recovered = await batcher.submit(["b"])
+        await batcher.drain()
+        return failure, recovered
+
+    failure, recovered = asyncio.run(scenario())
+    assert isinstance(failure, ValueError) and not isinstance(failure, TextRejected)
+    assert recovered == ["B"]
