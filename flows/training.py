@@ -7,8 +7,10 @@ after either, `dvc status` is clean and the other does no work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -56,11 +58,25 @@ def _dvc_env() -> dict[str, str]:
 
 def _run_streaming(command: list[str], cwd: Path, timeout_s: float) -> tuple[str, int]:
     """Run a command, passing its output (progress bars included) through to the console
-    as it comes, and return it all with the exit code. Past `timeout_s` it is killed."""
+    as it comes, and return it all with the exit code. Past `timeout_s` its whole process
+    group is killed: `dvc repro` runs the stage as a child, which would otherwise live on,
+    holding the pipe open, and the flow would wait for it."""
     process = subprocess.Popen(
-        command, cwd=cwd, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        command,
+        cwd=cwd,
+        env=_dvc_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    timer = threading.Timer(timeout_s, process.kill)
+    killed = threading.Event()
+
+    def kill_group() -> None:
+        killed.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout_s, kill_group)
     timer.start()
     chunks = []
     try:
@@ -70,10 +86,12 @@ def _run_streaming(command: list[str], cwd: Path, timeout_s: float) -> tuple[str
             chunks.append(chunk)
         returncode = process.wait()
     finally:
-        timed_out = not timer.is_alive() and process.returncode not in (0, None)
         timer.cancel()
+        if process.poll() is None:  # interrupted (Ctrl-C): its own session hears no signal
+            kill_group()
+            process.wait()
     output = b"".join(chunks).decode("utf-8", errors="replace").strip()
-    if timed_out:
+    if killed.is_set():
         output += (
             f"\nerror: killed after {timeout_s / 60:g} min (orchestration.stage_timeout_minutes)"
         )

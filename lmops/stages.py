@@ -1,7 +1,9 @@
 """The pipeline's stages by name, with the paths each reads and writes.
 
 `lmops stage NAME` (the `cmd` of every stage in dvc.yaml) lands here; so does the
-Prefect flow, through `dvc repro`. The paths below are the ones dvc.yaml declares.
+Prefect flow, through `dvc repro`. The paths below are the ones dvc.yaml declares:
+tests/unit/test_stages.py checks READS and WRITES against dvc.yaml, against the paths each
+stage function below uses, and the code each stage imports against its declared deps.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from lmops.config import Params
 
+RAW_DIR = Path("data/raw")
 INGESTED_DIR = Path("data/ingested")
 VALIDATED_DIR = Path("data/validated")
 QUARANTINE_DIR = Path("data/quarantine")
@@ -128,6 +131,31 @@ def _export(params: Params, root: Path) -> Any:
         triton_dir=root / TRITON_DIR,
     )
 
+
+# The data each stage reads and the outputs DVC tracks for it (dvc.yaml's deps and outs).
+READS: dict[str, list[Path]] = {
+    "ingest": [RAW_DIR],
+    "validate": [INGESTED_DIR],
+    "tokenizer": [VALIDATED_DIR],
+    "pretrain": [TOKENIZER_DIR, VALIDATED_DIR],
+    "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR],
+    "evaluate": [FINETUNED_DIR, TOKENIZER_DIR, VALIDATED_DIR],
+    "export": [FINETUNED_DIR, VALIDATED_DIR],
+}
+WRITES: dict[str, list[Path]] = {
+    "ingest": [INGESTED_DIR, INGEST_METRICS],
+    "validate": [VALIDATED_DIR, VALIDATION_DOCS_DIR, VALIDATION_METRICS],
+    "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],
+    "pretrain": [PRETRAINED_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
+    "finetune": [FINETUNED_DIR, FINETUNE_LIVE, FINETUNE_METRICS],
+    "evaluate": [PLOTS_DIR, MODEL_CARD, METRICS],
+    "export": [ONNX_DIR, TRITON_DIR],
+}
+# Written outside DVC on purpose: rejected batches, and checkpoints a killed run resumes.
+UNTRACKED: dict[str, list[Path]] = {
+    "validate": [QUARANTINE_DIR],
+    "pretrain": [PRETRAIN_CHECKPOINTS],
+}
 
 # In pipeline order.
 STAGES: dict[str, Callable[[Params, Path], Any]] = {

@@ -212,6 +212,8 @@ class Checkpoints:
         if accelerator.is_main_process:
             state = {"step": step, "fingerprint": self.fingerprint}
             write_json(scratch / "lmops_state.json", state)
+            # A checkpoint of the same step from other data or params (not resumed) goes.
+            shutil.rmtree(target, ignore_errors=True)
             os.replace(scratch, target)
             for old in self.directory.glob("step-*"):
                 if old != target:
@@ -330,8 +332,8 @@ def run(
             cfg.model_dump(),
             model_cfg.model_dump(),
             _dir_digest(tokenizer_dir),
-            len(train_rows),
-            int(train_rows[:64].sum()),
+            # The packed token rows themselves: changed data never resumes a stale checkpoint.
+            hashlib.sha256(train_rows.numpy().tobytes()).hexdigest(),
             world,
         ),
     )
