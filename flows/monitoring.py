@@ -21,35 +21,16 @@ from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 from prefect.states import Failed
 
+from flows.retry import task_options
 from lmops.atomic import write_json
 from lmops.config import load_params
 from lmops.errors import LmopsError
 
 EVENT = "lmops.drift.detected"
 LAST_TRIGGER = "last_trigger.json"
-RETRIES = 2
-RETRY_DELAY_S = 10
-TIMEOUT_S = 1800
 
 
-def _transient(task: Any, task_run: Any, state: State) -> bool:
-    """Retry an OSError (a log file rotated away mid-read, a disk briefly full); a user
-    error or a bug fails at once."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except BaseException:
-        return False
-    return False
-
-
-@task(
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=_transient,
-    timeout_seconds=TIMEOUT_S,
-)
+@task
 def drift_report(project_dir: str, traffic: str | None) -> dict[str, Any] | State:
     """The monitor's run (tasks/monitor.py); a user error is a Failed state with its reason."""
     from tasks import monitor
@@ -119,11 +100,12 @@ def monitoring(traffic: str | None = None, project_dir: str = ".") -> dict[str, 
     cooldown. Returns the monitor's summary with `event_emitted` and `trigger` added."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    state = drift_report(str(root), traffic, return_state=True)
+    params = load_params(root)
+    options = task_options(params.orchestration, params.orchestration.task_timeout_minutes)
+    state = drift_report.with_options(**options)(str(root), traffic, return_state=True)
     if state.is_failed():
         return Failed(message=state.message)
     summary = state.result()
-    params = load_params(root)
     cfg = params.monitor
     event_emitted, trigger = False, "no drift: no event"
     if summary["drift_detected"]:

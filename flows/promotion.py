@@ -14,6 +14,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
+from flows.retry import task_options
 from lmops import registry
 from lmops.config import load_params
 from lmops.errors import LmopsError
@@ -27,7 +28,7 @@ def actor(by: str | None) -> str:
     return " via ".join(part for part in (by, run) if part) or registry.user_actor()
 
 
-@task(retries=2, retry_delay_seconds=[5, 20], timeout_seconds=1800)
+@task
 def measure_versions(root: str, challenger: str, champion: str | None) -> dict[str, Any]:
     cfg = load_params(Path(root)).promotion
     return promote.measure(Path(root), challenger, champion, cfg)
@@ -55,7 +56,10 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
             logger.info(message)
             return {"version": challenger, "champion": champion, "promoted": False, "why": message}
         commit = registry.commit_of(root, challenger)
-        measured = measure_versions(str(root), challenger, champion)
+        orchestration = params.orchestration
+        measured = measure_versions.with_options(
+            **task_options(orchestration, orchestration.task_timeout_minutes)
+        )(str(root), challenger, champion)
         gates = promote.absolute_gates(
             registry.metrics_at(root, commit), _manifest(root, challenger), params.export.parity
         )

@@ -22,9 +22,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
-from prefect.tasks import exponential_backoff
 
 from flows.promotion import actor, promotion
+from flows.retry import task_options
 from lmops import registry
 from lmops.config import (
     OrchestrationConfig,
@@ -121,13 +121,7 @@ def _locked(root: Path, stage: str) -> dict[str, list[str]]:
 STAGE_FAILED = "StageFailed"
 
 
-def _transient_only(task: Any, task_run: Any, state: State) -> bool:
-    """Retry what failed by accident (a subprocess that could not start, an I/O error),
-    never a stage that failed on its own: bad data fails the same way every time."""
-    return state.name != STAGE_FAILED
-
-
-@task(task_run_name="stage-{stage}", retry_condition_fn=_transient_only)
+@task(task_run_name="stage-{stage}")
 def reproduce_stage(stage: str, project_dir: str, timeout_s: float) -> dict[str, Any] | State:
     """`dvc repro --single-item STAGE`: runs the stage, or skips it when nothing changed
     (the task run then ends in a Completed state named Skipped)."""
@@ -232,7 +226,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@task(retries=2, retry_delay_seconds=[5, 20], timeout_seconds=600)
+@task
 def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
     """Commit dvc.lock, params and reports, and tag the commit as a version (GTO)."""
     version, new = registry.register(Path(project_dir), by, summary)
@@ -294,11 +288,10 @@ def _train_locked(
         _, changed = apply_overrides(root, wanted)
         if changed:
             logger.info("params.yaml changed: %s", changed)
+        # A stage that fails on its own returns a Failed state (not an exception): never
+        # retried. Its timeout is the stage's own (killed in _run_streaming), plus slack.
         reproduce = reproduce_stage.with_options(
-            retries=orchestration.retries,
-            retry_delay_seconds=exponential_backoff(orchestration.retry_delay_seconds)
-            if orchestration.retry_delay_seconds
-            else 0,
+            **task_options(orchestration, orchestration.stage_timeout_minutes + 1)
         )
         stages = []
         for stage in STAGES:
@@ -313,7 +306,9 @@ def _train_locked(
             logger.warning("%s is not a git repository: the model is not registered", root)
             return {**result, "registered": None, "promotion": None}
         metrics = result["metrics"]["model"]
-        registered = register_model(
+        registered = register_model.with_options(
+            **task_options(orchestration, orchestration.task_timeout_minutes)
+        )(
             str(root),
             who,
             f"profile {profile or '-'}, overrides {overrides or []}; test accuracy "

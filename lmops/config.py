@@ -239,6 +239,7 @@ class PromotionConfig(_Strict):
 class OrchestrationConfig(_Strict):
     lock_timeout_minutes: float = Field(ge=0)
     stage_timeout_minutes: float = Field(gt=0)
+    task_timeout_minutes: float = Field(gt=0)
     retries: int = Field(ge=0)
     retry_delay_seconds: float = Field(ge=0)
 

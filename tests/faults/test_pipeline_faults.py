@@ -95,3 +95,55 @@ def test_changed_data_never_resumes_a_stale_pretraining_checkpoint(
     assert "resuming from the checkpoint" not in rerun.stderr
     metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text("utf-8"))
     assert metrics["resumed_from_step"] == 0
+
+
+RETRIED_FLOW = """
+import json
+from prefect import flow, task
+from flows.retry import task_options
+from lmops.config import OrchestrationConfig
+from lmops.errors import DataError
+
+calls = {"disk briefly full": 0, "bad data": 0}
+
+
+@task
+def fails(kind):
+    calls[kind] += 1
+    raise OSError(kind) if kind == "disk briefly full" else DataError(kind)
+
+
+@flow
+def run():
+    policy = OrchestrationConfig(
+        lock_timeout_minutes=1, stage_timeout_minutes=1, task_timeout_minutes=1,
+        retries=2, retry_delay_seconds=0,
+    )
+    for kind in calls:
+        fails.with_options(**task_options(policy, 1))(kind, return_state=True)
+
+
+run()
+print(json.dumps(calls))
+"""
+
+
+def test_only_transient_failures_are_retried(prefect_server: dict, tmp_path: Path) -> None:
+    """The one policy every flow takes (flows/retry.py), under a real Prefect server: an
+    OSError is tried 1 + orchestration.retries times, a user's error once."""
+    import json
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", RETRIED_FLOW],
+        cwd=REPO_ROOT,
+        env=prefect_server["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = json.loads(result.stdout.strip().splitlines()[-1])
+    assert calls == {"disk briefly full": 3, "bad data": 1}
