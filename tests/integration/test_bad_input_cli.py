@@ -3,6 +3,7 @@ non-zero exit, and nothing already ingested or validated touched."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -92,8 +93,12 @@ CASES: list[tuple[str, Callable[[Path], str], str]] = [
 
 
 def _ingest(workspace: Path) -> subprocess.CompletedProcess:
+    return _stage(workspace, "ingest")
+
+
+def _stage(workspace: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lmops", "stage", "ingest"],
+        [sys.executable, "-m", "lmops", "stage", name],
         cwd=workspace,
         env=tool_env(),
         capture_output=True,
@@ -141,3 +146,23 @@ def test_unknown_param_key_at_the_cli(workspace: Path) -> None:
     assert "data.normalisation: unknown key" in result.stderr
     assert "data.normalization: missing key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failed_data_contract_prints_only_lmops_error(tmp_path: Path) -> None:
+    """GX's own logs (a Data Docs renderer's KeyError traceback) stay out of the output."""
+    from lmops.config import resolve_overrides
+
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text("utf-8"), "utf-8")
+    shutil.copytree(REPO_ROOT / "profiles", tmp_path / "profiles")
+    apply_overrides(tmp_path, resolve_overrides(tmp_path, "tiny", []))
+    assert _stage(tmp_path, "ingest").returncode == 0
+    train = tmp_path / "data" / "ingested" / "train.parquet"
+    frame = pd.read_parquet(train)
+    frame.loc[frame.index[:40], "label"] = "weird"
+    frame.to_parquet(train)
+    result = _stage(tmp_path, "validate")
+    assert result.returncode == 1
+    assert "error: 1 expectation(s) failed; batch quarantined" in result.stderr
+    assert "values 'weird'" in result.stderr
+    for noise in ("Traceback", "KeyError", "ephemeral docs site"):
+        assert noise not in result.stderr, result.stderr
