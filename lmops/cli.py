@@ -173,6 +173,13 @@ def models(
         bool, typer.Option("--history", help="Every registration and stage assignment.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="A running server (http://HOST:PORT): print the version it really serves "
+            "beside the registry's stages; exit 1 when it serves another than its stage names."
+        ),
+    ] = None,
 ) -> None:
     """List the registered model versions (GTO tags), their stages and test metrics."""
     import json
@@ -180,6 +187,9 @@ def models(
     from lmops import registry
 
     root = Path.cwd()
+    if url is not None:
+        _served(root, url)
+        return
     rows = registry.history(root) if history else registry.versions(root)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -209,6 +219,39 @@ def models(
                 f"{_fmt(r['macro_f1']):>8} {_fmt(r['baseline_accuracy']):>8} {gates:<6} "
                 f"{r['commit'][:12]:<12} {r['registered']:<26} {r['by']}"
             )
+
+
+def _served(root: Path, url: str) -> None:
+    """The registry's stages beside what the server at `url` serves."""
+    import httpx
+
+    from lmops import registry
+    from lmops.config import load_params
+
+    name = load_params(root).serve.model_name
+    stages = {stage: registry.stage_version(root, stage) for stage in registry.STAGES}
+    typer.echo("registry: " + ", ".join(f"{s} {v or '-'}" for s, v in stages.items()))
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v2/models/{name}", timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as err:
+        raise LmopsError(f"cannot ask the server at {url} what it serves: {err}") from None
+    metadata = response.json()
+    (served,) = metadata["versions"]
+    following = metadata["parameters"].get("following")
+    if following is None:
+        typer.echo(f"server {url}: serves {served} (serve.model_dir; it follows no stage)")
+        return
+    stage, wanted = following["stage"], following["version"]
+    if following["in_sync"] and stages.get(stage) in (None, served):
+        typer.echo(f"server {url}: serves {served}, the version {stage} names: in sync")
+        return
+    why = following["problem"] or "its next poll has not seen the registry's change yet"
+    typer.echo(
+        f"server {url}: serves {served}, but {stage} names {stages.get(stage) or wanted}: "
+        f"OUT OF SYNC ({why})"
+    )
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -278,26 +321,32 @@ def serve(
     from lmops.config import load_params
     from serving.app import create_app, run_server
     from serving.engine import Engine
+    from serving.swap import Following
 
     _log_to_console()
     root = Path.cwd()
     cfg = load_params(root).serve
     if stage is None:
-        resolve, version, model_dir = None, None, root / cfg.model_dir
+        follow = None
+        engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
     else:
         from lmops.registry import stage_resolver
+        from serving import stage as stage_serving
 
-        resolve = stage_resolver(root, stage)
-        version, model_dir = resolve()
-    engine = Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
+        resolve = stage_resolver(root, stage)  # checks the stage's name first
+        load = stage_serving.loader(root, cfg)
+        engine, wanted, problem = stage_serving.start(root, stage, load)
+        follow = Following(resolve, load, stage, wanted, problem)
     following = "" if stage is None else f", following stage {stage}"
+    if follow is not None and follow.problem:
+        following += f" — FALLBACK: {follow.problem}"
     typer.echo(
         f"serving {cfg.model_name} {engine.version} ({engine.variant}) on {engine.providers}"
         + following,
         err=True,
     )
     run_server(
-        create_app(cfg, engine, root, resolve),
+        create_app(cfg, engine, root, follow),
         host or cfg.host,
         cfg.port if port is None else port,
         cfg.drain_seconds,

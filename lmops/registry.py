@@ -313,11 +313,14 @@ def _fetch_once(target: Path, what: str, fetch: Callable[[str], Any]) -> Path:
     return target
 
 
-def materialize(root: Path, version: str) -> Path:
-    """The version's export as a local folder, fetched once from DVC's cache (or remote)."""
+def materialize(root: Path, version: str, refetch: bool = False) -> Path:
+    """The version's export as a local folder, fetched once from DVC's cache (or remote);
+    `refetch` drops a local copy first (one that failed its checksum)."""
     from dvc.repo.artifacts import Artifacts
 
     commit_of(root, version)  # an unknown version is the user's error, not DVC's
+    if refetch:
+        shutil.rmtree(root / MATERIALIZED_DIR / version, ignore_errors=True)
     return _fetch_once(
         root / MATERIALIZED_DIR / version,
         f"{ARTIFACT} {version}",
@@ -338,7 +341,9 @@ def materialize_data(root: Path, version: str, path: Path) -> Path:
 
 
 def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
-    """What a server polls: the version `stage` points at now, and its local export."""
+    """What a server polls: the version `stage` points at now, and where its export is
+    fetched to (by the loader, so that a failed fetch is a failed swap, retried with
+    backoff, while the version the stage wants stays known)."""
     if stage not in STAGES:
         raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
 
@@ -346,6 +351,17 @@ def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
         version = stage_version(root, stage)
         if version is None:
             raise LmopsError(f"no version of {ARTIFACT} is in {stage} (run `lmops promote` first)")
-        return version, materialize(root, version)
+        return version, root / MATERIALIZED_DIR / version
 
     return resolve
+
+
+def earlier_in_stage(root: Path, stage: str) -> list[str]:
+    """Versions that were once assigned to `stage`, the most recent assignment first (the
+    fallbacks a server may start on when the stage's own version cannot load)."""
+    seen: list[str] = []
+    for event in reversed(history(root)):
+        assigned = event["event"] == "assignment" and event["stage"] == stage
+        if assigned and event["version"] not in seen:
+            seen.append(event["version"])
+    return seen

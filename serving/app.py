@@ -30,7 +30,7 @@ from pydantic import BaseModel, StrictStr
 from lmops.config import ServeConfig
 from serving.batcher import MicroBatcher, Overloaded, TextRejected
 from serving.engine import Engine
-from serving.swap import LiveModel, Resolver, StageWatcher
+from serving.swap import Following, LiveModel, StageWatcher
 from serving.traffic import TrafficLog
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,18 @@ class Metrics:
             "Polls where the version to serve could not be resolved (the registry unreadable)",
             registry=self.registry,
         )
+        self.in_sync = Gauge(
+            "lmops_model_in_sync",
+            "1 while the served version is the one the followed stage names; 0 while another "
+            "serves (a refused swap, or a fallback at start)",
+            registry=self.registry,
+        )
+        self.wanted = Gauge(
+            "lmops_model_wanted_info",
+            "The version the followed registry stage names",
+            ["stage", "version"],
+            registry=self.registry,
+        )
         self.traffic_log_errors = Counter(
             "lmops_traffic_log_errors",
             "Answered requests whose traffic-log records were lost, by kind (write: the disk "
@@ -210,6 +222,11 @@ class Metrics:
     def resolve_failed(self) -> None:
         self.resolve_errors.inc()
 
+    def following(self, status: dict[str, Any]) -> None:
+        self.in_sync.set(1 if status["in_sync"] else 0)
+        self.wanted.clear()
+        self.wanted.labels(status["stage"] or "-", status["version"]).set(1)
+
 
 def _validation_message(err: RequestValidationError) -> tuple[int, str]:
     problems = []
@@ -230,7 +247,7 @@ def _require_json(request: Request) -> None:
 
 
 def create_app(
-    cfg: ServeConfig, engine: Engine, root: Path, resolve: Resolver | None = None
+    cfg: ServeConfig, engine: Engine, root: Path, follow: Following | None = None
 ) -> FastAPI:
     """Serve `engine`; given `resolve`, follow the version it names every
     `serve.poll_seconds` with a hot swap (serving/swap.py)."""
@@ -246,7 +263,33 @@ def create_app(
     def load(version: str, model_dir: Path) -> Engine:
         return Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
 
-    watcher = None if resolve is None else StageWatcher(live_model, resolve, load, metrics)
+    watcher = (
+        None
+        if follow is None
+        else StageWatcher(
+            live_model,
+            follow.resolve,
+            follow.load or load,
+            metrics,
+            wanted=follow.wanted,
+            problem=follow.problem,
+        )
+    )
+
+    def stage_status() -> dict[str, Any] | None:
+        """What the server follows beside what it serves: the gap a refused swap or a
+        fallback at start leaves, where a user looks (metadata, metrics, `lmops models`)."""
+        if watcher is None:
+            return None
+        serving = live_model.engine.version
+        wanted = watcher.wanted or serving
+        return {
+            "stage": follow.stage if follow else None,
+            "version": wanted,
+            "serving": serving,
+            "in_sync": wanted == serving,
+            "problem": watcher.problem,
+        }
 
     batcher = MicroBatcher(
         live_model.predict,
@@ -397,6 +440,7 @@ def create_app(
                 "ready": is_ready,
                 "draining": app.state.draining,
                 "traffic_log": traffic_log_status(),
+                "following": stage_status(),
             },
         )
 
@@ -420,6 +464,7 @@ def create_app(
                 "device": engine.device,
                 "max_length": engine.max_length,
                 "traffic_log": traffic_log_status(),
+                "following": stage_status(),
             },
         }
 
@@ -465,6 +510,8 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.queue_depth.set(batcher.queue.qsize())
+        if (following := stage_status()) is not None:
+            metrics.following(following)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -25,6 +25,10 @@ CPU = "CPUExecutionProvider"
 PADDING_EFFICIENCY = 0.8
 
 
+class CorruptModel(LmopsError):
+    """The export's files are not the ones its manifest names (a partial or damaged copy)."""
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -60,7 +64,10 @@ class Engine:
         manifest_path = model_dir / "manifest.json"
         if not manifest_path.is_file():
             raise LmopsError(f"no exported model in {model_dir} (run the export stage first)")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptModel(f"{manifest_path} is not readable JSON ({err})") from None
         self.labels: list[str] = self.manifest["labels"]
         self.max_length: int = self.manifest["max_length"]
         self.max_batch_size = max_batch_size
@@ -114,7 +121,7 @@ class Engine:
         path = model_dir / entry["file"]
         model = path.read_bytes()
         if hashlib.sha256(model).hexdigest() != entry["sha256"]:
-            raise LmopsError(
+            raise CorruptModel(
                 f"{path} does not match the sha256 in its manifest.json (corrupt or partly "
                 "copied): refusing to serve it"
             )

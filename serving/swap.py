@@ -56,13 +56,26 @@ class LiveModel:
 
 
 @dataclass
+class Following:
+    """What a server follows: how to ask which version should serve, how to load one
+    (None: the app's plain loader), the registry stage's name for reports, and why the
+    version it starts on is not the one `resolve` names (None: it is)."""
+
+    resolve: Resolver
+    load: Loader | None = None
+    stage: str | None = None
+    wanted: str | None = None
+    problem: str | None = None
+
+
+@dataclass
 class _Failure:
     answer: tuple[str, Path]
     attempts: int
     polls_to_wait: int
 
 
-def _reason(err: Exception) -> str:
+def describe(err: Exception) -> str:
     return str(err) if isinstance(err, LmopsError) else f"{type(err).__name__}: {err}"
 
 
@@ -70,10 +83,21 @@ class StageWatcher:
     """Moves `live` to the version `resolve` names, when that one loads."""
 
     def __init__(
-        self, live: LiveModel, resolve: Resolver, load: Loader, events: SwapEvents
+        self,
+        live: LiveModel,
+        resolve: Resolver,
+        load: Loader,
+        events: SwapEvents,
+        wanted: str | None = None,
+        problem: str | None = None,
     ) -> None:
+        """`wanted`, `problem`: the version the resolver named at start, and why another
+        one serves (None: it is the one serving)."""
         self.live, self.resolve, self.load, self.events = live, resolve, load, events
         self._failure: _Failure | None = None
+        # The version the resolver last named, and why another one serves (None: in sync).
+        self.wanted = wanted
+        self.problem = problem
 
     async def run(self, poll_seconds: float) -> None:
         """Poll until cancelled (at shutdown)."""
@@ -90,14 +114,15 @@ class StageWatcher:
             self.events.resolve_failed()
             log.warning(
                 "model watch: cannot tell which version to serve (%s); still serving %s",
-                _reason(err),
+                describe(err),
                 serving,
                 exc_info=not isinstance(err, LmopsError),
             )
             return
         version, model_dir = answer
+        self.wanted = version
         if version == serving:
-            self._failure = None
+            self._failure, self.problem = None, None
             return
         failure = self._failure if self._failure and self._failure.answer == answer else None
         if failure is not None:
@@ -110,6 +135,7 @@ class StageWatcher:
             attempts = failure.attempts + 1 if failure else 1
             wait = min(2**attempts, MAX_BACKOFF_POLLS)
             self._failure = _Failure(answer, attempts, wait)
+            self.problem = f"{version} cannot be served: {describe(err)}"
             self.events.swap_failed()
             log.warning(
                 "model swap to %s (%s) failed, still serving %s: %s (next try in %d polls "
@@ -117,12 +143,12 @@ class StageWatcher:
                 version,
                 model_dir,
                 serving,
-                _reason(err),
+                describe(err),
                 wait,
             )
             return
         old, self.live.engine = self.live.engine, engine
-        self._failure = None
+        self._failure, self.problem = None, None
         self.events.swapped(old, engine)
         log.info("model swap: now serving %s (%s), was %s", version, engine.variant, old.version)
 

@@ -37,6 +37,7 @@ import uvicorn
 from lmops.config import load_params
 from serving.app import create_app
 from serving.engine import Engine
+from serving.swap import Following
 
 root, pointer, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
@@ -50,7 +51,7 @@ def resolve():
 cfg = load_params(root).serve
 version, model_dir = resolve()
 engine = Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
-app = create_app(cfg, engine, root, resolve)
+app = create_app(cfg, engine, root, Following(resolve))
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)
 """
 

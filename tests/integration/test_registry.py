@@ -194,3 +194,83 @@ def test_history_shows_promotions_refusal_free_and_the_rollback(project: Path, e
     assert [e["event"] for e in history if e["version"] == "v0.0.3"] == ["registration"]
     text = lmops(project, env, "models", "--history").stdout
     assert "rollback from v0.0.2" in text and "accuracy" in text
+
+
+def _damage(version_dir: Path, cache: Path | None = None) -> None:
+    """Flip bytes in the middle of every ONNX file of a local copy (and, given the DVC
+    cache, in the cache objects they came from)."""
+    import hashlib
+
+    for path in version_dir.glob("*.onnx"):
+        targets = [path]
+        if cache is not None:
+            md5 = hashlib.md5(path.read_bytes()).hexdigest()
+            targets.append(cache / "files" / "md5" / md5[:2] / md5[2:])
+        for target in targets:
+            assert target.is_file(), target
+            target.chmod(0o644)
+            data = bytearray(target.read_bytes())
+            middle = len(data) // 2
+            data[middle : middle + 64] = bytes(64)
+            target.write_bytes(bytes(data))
+
+
+def test_prod_broken_at_start_refetches_then_falls_back_loudly(
+    project: Path, env: dict, tmp_path: Path
+) -> None:
+    """A restart while prod's copy is damaged: a damaged local copy is fetched again; when
+    DVC's copy is damaged too, the version that was in prod before serves, and the server,
+    its metrics and `lmops models --url` all say so. With no good version, one line, exit 1."""
+    assert registry.stage_version(project, "prod") == "v0.0.1"
+    local = project / registry.MATERIALIZED_DIR
+    assert (local / "v0.0.1").is_dir() and (local / "v0.0.2").is_dir()
+    serve = [sys.executable, "-m", "lmops", "serve", "--stage", "prod"]
+
+    _damage(local / "v0.0.1")
+    port = free_port()
+    server = start_server([*serve, "--port", str(port)], project, port, tmp_path / "a.log")
+    try:
+        served = httpx.get(f"http://127.0.0.1:{port}/v2/models/lmops").json()
+        assert served["versions"] == ["v0.0.1"]
+        assert served["parameters"]["following"]["in_sync"] is True
+        status = lmops(project, env, "models", "--url", f"http://127.0.0.1:{port}")
+        assert status.returncode == 0 and "serves v0.0.1, the version prod names" in status.stdout
+    finally:
+        stop_server(server)
+    assert "the local copy failed its check" in (tmp_path / "a.log").read_text("utf-8")
+
+    _damage(local / "v0.0.1", cache=project / ".dvc" / "cache")
+    port = free_port()
+    server = start_server([*serve, "--port", str(port)], project, port, tmp_path / "b.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        served = httpx.get(f"{url}/v2/models/lmops").json()
+        assert served["versions"] == ["v0.0.2"]
+        following = served["parameters"]["following"]
+        assert following["stage"] == "prod" and following["version"] == "v0.0.1"
+        assert following["in_sync"] is False and "v0.0.1 cannot be served" in following["problem"]
+        assert "lmops_model_in_sync 0.0" in httpx.get(f"{url}/metrics").text
+        assert httpx.post(f"{url}/v1/predict", json={"texts": ["好"]}).json()["version"] == (
+            "v0.0.2"
+        )
+        status = lmops(project, env, "models", "--url", url)
+        assert status.returncode == 1
+        assert "registry: staging" in status.stdout and "prod v0.0.1" in status.stdout
+        assert "serves v0.0.2, but prod names v0.0.1: OUT OF SYNC" in status.stdout
+    finally:
+        stop_server(server)
+    log = (tmp_path / "b.log").read_text("utf-8")
+    assert "FALLBACK" in log and "Traceback" not in log
+
+    _damage(local / "v0.0.2", cache=project / ".dvc" / "cache")
+    refused = subprocess.run(
+        [*serve, "--port", str(free_port())],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    assert "error: cannot serve stage prod: v0.0.1 cannot be served" in refused.stderr
