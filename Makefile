@@ -15,7 +15,7 @@ UI_PORT ?= 4200
 PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
 POOL := lmops
 
-.PHONY: install run serve monitor monitor-ui ui deploy worker test lint format repro status clean
+.PHONY: install run serve monitor monitor-ui ui deploy worker test test-faults fuzz lint format repro status clean
 
 install: $(INSTALLED)
 
@@ -60,6 +60,15 @@ worker: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The fault family alone (tests/faults): poison input, a broken traffic log, HTTP edges,
+# SIGTERM, stage timeouts, resume, retries, a broken prod, and the fuzzers.
+test-faults: install
+	$(BIN)/python -m pytest -m faults
+
+# The fuzzers with ten times the examples `make test` gives them (a few minutes).
+fuzz: install
+	LMOPS_FUZZ_EXAMPLES=400 $(BIN)/python -m pytest tests/faults/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -207,6 +207,7 @@ def http(
             "serve.max_batch_size": 32 if batching else 1,
             "serve.max_wait_ms": 0,
             "serve.max_queue": 1024,
+            "serve.drain_seconds": 0,
         }
         raw = override(read_raw(ROOT), settings)
         (workspace / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")

@@ -8,7 +8,6 @@ import json
 import resource
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,41 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, start_server, stop_server
+from tests.conftest import stop_server
+from tests.faults.conftest import fault_workspace, serve
 
 pytestmark = pytest.mark.faults
 
 # JSON may escape a lone surrogate, which no UTF-8 text can hold: Python decodes it, the
 # tokenizer cannot take it. Sent as raw bytes, since a client library refuses to encode it.
 POISON_BODY = b'{"texts": ["\\u597d\\u8bc4", "\\ud800 a lone surrogate"]}'
-
-
-def _workspace(tiny_export: Callable[[int], Path], root: Path) -> Path:
-    shutil.copytree(tiny_export(0), root / "models" / "onnx")
-    shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
-    return root
-
-
-def _serve(root: Path, preexec_fn: Callable[[], None] | None = None) -> tuple[str, object]:
-    port = free_port()
-    process = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
-        root,
-        port,
-        root / "server.log",
-        preexec_fn=preexec_fn,
-    )
-    return f"http://127.0.0.1:{port}", process
-
-
-@pytest.fixture(scope="module")
-def served(
-    tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, Path]]:
-    root = _workspace(tiny_export, tmp_path_factory.mktemp("faults"))
-    url, process = _serve(root)
-    yield url, root
-    stop_server(process)
 
 
 def _predict(url: str, texts: list[str], **headers: str) -> httpx.Response:
@@ -156,13 +128,13 @@ def test_disk_full_answers_every_prediction_and_leaves_no_partial_line(
 ) -> None:
     """RLIMIT_FSIZE stands in for a full disk: a write past it stops part-way (EFBIG), as on
     a full disk. The server log goes to a file too, so the limit leaves it room."""
-    root = _workspace(tiny_export, tmp_path)
+    root = fault_workspace(tiny_export, tmp_path)
     limit = 256 * 1024
 
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    url, process = _serve(root, preexec_fn=small_disk)
+    url, process = serve(root, preexec_fn=small_disk)
     try:
         texts = [f"这是一条很长的评论，用来填满磁盘 {i} " * 8 for i in range(64)]
         answers = [_predict(url, texts).status_code for _ in range(40)]
@@ -232,8 +204,8 @@ def test_sigterm_drains_answers_every_request_then_stops(
 ) -> None:
     """On SIGTERM ready turns 503 at once, requests on kept-alive connections keep getting
     answers for serve.drain_seconds, and the process then stops by itself."""
-    root = _workspace(tiny_export, tmp_path)
-    url, process = _serve(root)
+    root = fault_workspace(tiny_export, tmp_path)
+    url, process = serve(root)
     lost: list[str] = []
     answered: list[float] = []
     stop_sending = threading.Event()

@@ -1,0 +1,182 @@
+"""The HTTP path before and after a change, side by side in one run: `lmops serve` from
+the working tree and from a git revision (a temporary worktree), on the same exported
+model and inputs, alternating rounds so drift in the machine's speed hits both alike.
+
+    .venv/bin/python -m bench.server_overhead --rev 5598bf7 [--model-dir models/onnx]
+
+Without --model-dir it exports a tiny-profile model first (about a minute): a small model
+makes the server's own costs (parsing, batching, the traffic log) a large share of each
+request, which is what a change to the server can slow down. Writes
+reports/bench/server-overhead.json: texts/s, p50 and p99 per concurrency, per side, and
+the after/before ratios of their medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import yaml
+
+from bench.serving import load
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 8, 32)
+
+
+def tiny_export(scratch: Path) -> tuple[Path, list[str]]:
+    """A tiny-profile model through the real stages, and its test texts."""
+    from lmops.config import apply_overrides, resolve_overrides
+
+    work = scratch / "model"
+    work.mkdir()
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+    shutil.copytree(ROOT / "profiles", work / "profiles")
+    apply_overrides(work, resolve_overrides(work, "tiny", []))
+    for stage in ("ingest", "validate", "tokenizer", "pretrain", "finetune", "export"):
+        subprocess.run(
+            [sys.executable, "-m", "lmops", "stage", stage],
+            cwd=work,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    texts = pd.read_parquet(work / "data" / "validated" / "test.parquet")["text"].tolist()
+    return work / "models" / "onnx", texts
+
+
+def workspace(scratch: Path, name: str, code: Path, model_dir: Path) -> Path:
+    """A serving folder with `code`'s own params.yaml (each revision's config is strict)."""
+    root = scratch / name
+    shutil.copytree(model_dir, root / "models" / "onnx")
+    raw = yaml.safe_load((code / "params.yaml").read_text("utf-8"))
+    raw["serve"].update(
+        {"traffic": {**raw["serve"]["traffic"], "dir": "traffic"}, "max_queue": 1024}
+    )
+    if "drain_seconds" in raw["serve"]:
+        raw["serve"]["drain_seconds"] = 0
+    (root / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
+    return root
+
+
+def serve_and_load(
+    root: Path, code: Path, texts: list[str], seconds: float, port: int
+) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import serving.app; print(serving.app.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert imported.startswith(str(code)), f"{imported} is not from {code}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="The 'before' git revision.")
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports/bench/server-overhead.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        before_code = scratch / "before-code"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(before_code), args.rev],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            if args.model_dir is None:
+                model_dir, texts = tiny_export(scratch)
+            else:
+                model_dir = args.model_dir
+                texts = pd.read_parquet(ROOT / "data/validated/test.parquet")["text"].tolist()
+            sides = {"before": before_code, "after": ROOT}
+            roots = {
+                side: workspace(scratch, side, code, model_dir) for side, code in sides.items()
+            }
+            rounds: dict[str, list[dict]] = {side: [] for side in sides}
+            for number in range(args.rounds):
+                for offset, side in enumerate(sides):
+                    port = 19_000 + os.getpid() % 500 + 2 * number + offset
+                    rounds[side].append(
+                        serve_and_load(roots[side], sides[side], texts, args.seconds, port)
+                    )
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(before_code)],
+                cwd=ROOT,
+                capture_output=True,
+            )
+
+    def median(side: str, clients: str, key: str) -> float:
+        return statistics.median(r[clients][key] for r in rounds[side])
+
+    summary = {}
+    for n in CONCURRENCY:
+        clients = f"clients_{n}"
+        row = {}
+        for key in ("texts_per_s", "p50_ms", "p99_ms"):
+            row[f"before_{key}"] = median("before", clients, key)
+            row[f"after_{key}"] = median("after", clients, key)
+            row[f"after_vs_before_{key}"] = round(row[f"after_{key}"] / row[f"before_{key}"], 3)
+        summary[clients] = row
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "before_rev": subprocess.run(
+            ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "after": "working tree",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "model": "tiny profile" if args.model_dir is None else str(args.model_dir),
+        "seconds_per_load": args.seconds,
+        "rounds": args.rounds,
+        "summary": summary,
+        "runs": rounds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
