@@ -79,6 +79,7 @@ def serve_and_load(
     env = {**os.environ, "PYTHONPATH": str(code)}
     imported = subprocess.run(
         [sys.executable, "-c", "import serving.app; print(serving.app.__file__)"],
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,

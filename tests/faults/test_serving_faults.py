@@ -241,3 +241,24 @@ def test_sigterm_drains_answers_every_request_then_stops(
     assert not lost, f"requests sent while draining got no answer: {lost[:3]}"
     assert max(answered) - sent_at > 3, "requests stopped being answered before the drain ended"
     assert stopped_at - sent_at >= 5 - 0.5, "the server closed before serve.drain_seconds"
+
+
+def test_traffic_log_folder_gone_at_rotation_recovers(tmp_path: Path) -> None:
+    """Rotation (here by size) while the folder is gone: later records land in a new file
+    in the recreated folder; before, every later write failed for good."""
+    from serving.engine import Prediction
+    from serving.traffic import TrafficLog
+
+    folder = tmp_path / "traffic"
+    log = TrafficLog(folder, store_text=True, rotate_mb=0.001)  # ~1 KB files
+    answer = [Prediction("positive", 0.9, {}, "v")]
+    for i in range(20):
+        log.append(f"r{i}", [f"text {i}"], answer, 1.0)
+    log.flush()
+    assert len(list(folder.glob("*.jsonl"))) > 1  # it rotated
+    shutil.rmtree(folder)
+    for i in range(20, 40):
+        log.append(f"r{i}", [f"text {i}"], answer, 1.0)
+    log.close()
+    assert log.errors == 0 and log.degraded is None
+    assert {r["request_id"] for r in _records(folder)} == {f"r{i}" for i in range(20, 40)}
