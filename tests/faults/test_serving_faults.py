@@ -254,11 +254,12 @@ def test_traffic_log_folder_gone_at_rotation_recovers(tmp_path: Path) -> None:
     answer = [Prediction("positive", 0.9, {}, "v")]
     for i in range(20):
         log.append(f"r{i}", [f"text {i}"], answer, 1.0)
-    log.flush()
+        log.flush()  # one write each (queued records are otherwise written together)
     assert len(list(folder.glob("*.jsonl"))) > 1  # it rotated
     shutil.rmtree(folder)
     for i in range(20, 40):
         log.append(f"r{i}", [f"text {i}"], answer, 1.0)
+        log.flush()
     log.close()
     assert log.errors == 0 and log.degraded is None
     assert {r["request_id"] for r in _records(folder)} == {f"r{i}" for i in range(20, 40)}
