@@ -5,12 +5,15 @@
    its config against this machine's fp32 GEMM rate measured now (the ceiling);
 2. HTTP — `lmops serve` on a loopback port, 1, 8 and 32 concurrent async clients, with
    micro-batching on and off: throughput, p50, p99, and the server's overhead over a bare
-   engine at batch 1.
+   engine at batch 1;
+3. protocol — the Open Inference Protocol through the real `tritonclient[http]`, JSON
+   against the binary tensor data extension, at batch 1 and 32, side by side.
 
-    .venv/bin/python bench/serving.py [--seconds 3]
+    .venv/bin/python bench/serving.py [--seconds 3] [--protocol-only]
 
-Needs `make run` first (models/finetuned, models/onnx, data/validated). Writes
-reports/bench/serving.json.
+Needs `make run` first (models/finetuned, models/onnx, data/validated; `--protocol-only`
+needs only the last two). Writes reports/bench/serving.json (`--protocol-only`:
+reports/bench/protocol.json).
 """
 
 from __future__ import annotations
@@ -189,8 +192,44 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
     }
 
 
+def protocol(url: str, texts: list[str], seconds: float) -> dict[str, Any]:
+    """tritonclient's infer() per call, JSON vs binary tensor data, one client."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    results: dict[str, Any] = {}
+    for batch in (1, 32):
+        chunk = np.array(texts[:batch], dtype=object)
+        for binary in (False, True):
+            text = triton.InferInput("text", [batch], "BYTES")
+            text.set_data_from_numpy(chunk, binary_data=binary)
+            outputs = [
+                triton.InferRequestedOutput(name, binary_data=binary)
+                for name in ("label", "probabilities")
+            ]
+            per_call = timed(
+                lambda t=text, o=outputs: client.infer("lmops", [t], outputs=o), seconds
+            )
+            results[f"batch_{batch}_{'binary' if binary else 'json'}"] = {
+                "ms": round(per_call * 1000, 3),
+                "texts_per_s": round(batch / per_call, 1),
+            }
+        results[f"batch_{batch}_binary_vs_json_texts_per_s"] = round(
+            results[f"batch_{batch}_binary"]["texts_per_s"]
+            / results[f"batch_{batch}_json"]["texts_per_s"],
+            3,
+        )
+    client.close()
+    return results
+
+
 def http(
-    onnx_dir: Path, texts: list[str], threads: int, seconds: float, batching: bool
+    onnx_dir: Path,
+    texts: list[str],
+    threads: int,
+    seconds: float,
+    batching: bool,
+    protocol_only: bool = False,
 ) -> dict[str, Any]:
     import httpx
     import yaml
@@ -208,6 +247,7 @@ def http(
             "serve.max_wait_ms": 0,
             "serve.max_queue": 1024,
             "serve.drain_seconds": 0,
+            "serve.max_body_bytes": 16 * 1024 * 1024,
         }
         raw = override(read_raw(ROOT), settings)
         (workspace / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
@@ -226,7 +266,10 @@ def http(
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            return {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
+            if protocol_only:
+                return protocol(url, texts, seconds)
+            loads = {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
+            return {**loads, "protocol": protocol(url, texts, seconds)} if batching else loads
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -236,10 +279,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--out", default="reports/bench/serving.json")
+    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--protocol-only", action="store_true", help="Only the tritonclient JSON-vs-binary part."
+    )
     args = parser.parse_args()
     texts = pd.read_parquet(ROOT / "data/validated/test.parquet")["text"].tolist()[:512]
     onnx_dir, model_dir = ROOT / "models/onnx", ROOT / "models/finetuned"
+    if args.protocol_only:
+        result = {
+            "what": "Open Inference Protocol through tritonclient[http]: JSON vs binary data",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {"threads": args.threads, "platform": platform.platform()},
+            "model": json.loads((onnx_dir / "manifest.json").read_text("utf-8"))["architecture"],
+            "protocol": http(onnx_dir, texts, args.threads, args.seconds, True, protocol_only=True),
+        }
+        out = ROOT / (args.out or "reports/bench/protocol.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+        print(json.dumps(result["protocol"], indent=2))
+        return
 
     ceiling = gemm_gflops(args.threads)
     engine_results = engines(model_dir, onnx_dir, texts, args.threads, args.seconds)
@@ -296,7 +355,7 @@ def main() -> None:
         "targets": {k: f"{op} {bound}" for k, (op, bound) in targets.items()},
         "met": met,
     }
-    out = ROOT / args.out
+    out = ROOT / (args.out or "reports/bench/serving.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"summary": summary, "met": met}, indent=2))

@@ -11,9 +11,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version as lmops_version_of
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, ORJSONResponse, Response
@@ -30,10 +32,22 @@ from pydantic import BaseModel, StrictStr
 from lmops.config import ServeConfig
 from serving.batcher import MicroBatcher, Overloaded, TextRejected
 from serving.engine import Engine
+from serving.protocol import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    ProtocolError,
+    infer_response,
+    parse_infer,
+)
+from serving.stats import InferenceStats
 from serving.swap import Following, LiveModel, StageWatcher
 from serving.traffic import TrafficLog
 
 log = logging.getLogger(__name__)
+
+
+def lmops_version() -> str:
+    return lmops_version_of("lmops")
 
 
 class ClientError(Exception):
@@ -44,20 +58,6 @@ class ClientError(Exception):
 
 class PredictRequest(BaseModel):
     texts: list[StrictStr]
-
-
-class InferInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferInput]
-    parameters: dict[str, Any] | None = None
-    outputs: list[dict[str, Any]] | None = None
 
 
 class BodyLimit:
@@ -239,11 +239,14 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str]:
 
 
 def _require_json(request: Request) -> None:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ClientError(
-            415, f"content type must be application/json, got {content_type or 'none'!r}"
-        )
+    """JSON, or no content type at all (read as JSON, as Triton does: tritonclient sends
+    none); the binary extension's body is octet-stream after its JSON header."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    allowed = {"", "application/json"}
+    if HEADER_LENGTH in request.headers:
+        allowed.add("application/octet-stream")
+    if content_type not in allowed:
+        raise ClientError(415, f"content type must be application/json, got {content_type!r}")
 
 
 def create_app(
@@ -259,6 +262,13 @@ def create_app(
         on_error=lambda kind: metrics.traffic_log_errors.labels(kind).inc(),
     )
     live_model = LiveModel(engine)
+    stats = InferenceStats()
+
+    def timed_predict(texts: list[str]) -> list[Any]:
+        started = time.perf_counter_ns()
+        answers = live_model.predict(texts)
+        stats.executed(time.perf_counter_ns() - started)
+        return answers
 
     def load(version: str, model_dir: Path) -> Engine:
         return Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
@@ -292,7 +302,7 @@ def create_app(
         }
 
     batcher = MicroBatcher(
-        live_model.predict,
+        timed_predict,
         cfg.max_batch_size,
         cfg.max_wait_ms,
         cfg.max_queue,
@@ -371,6 +381,7 @@ def create_app(
         try:
             predictions = await batcher.submit(texts)
         except Overloaded:
+            stats.failed(int((time.perf_counter() - started) * 1e9))
             raise ClientError(
                 503,
                 "server overloaded: the request queue is full (serve.max_queue"
@@ -378,6 +389,7 @@ def create_app(
                 headers={"Retry-After": "1"},
             ) from None
         latency_ms = (time.perf_counter() - started) * 1000
+        stats.succeeded(len(texts), int(latency_ms * 1e6))
         traffic.append(request_id, texts, predictions, latency_ms)
         metrics.texts.inc(len(texts))
         return predictions
@@ -417,9 +429,21 @@ def create_app(
             }
         )
 
-    def _known(name: str) -> None:
+    def _known(name: str, version: str | None = None) -> Engine:
+        """The engine answering for NAME (and VERSION, when the path names one)."""
         if name != cfg.model_name:
             raise ClientError(404, f"unknown model {name!r}; this server serves {cfg.model_name!r}")
+        engine = live_model.engine
+        if version is not None and version != engine.version:
+            raise ClientError(
+                404,
+                f"model {name!r} has no version {version!r} here; it serves {engine.version!r}",
+            )
+        return engine
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "lmops", "version": lmops_version(), "extensions": EXTENSIONS}
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -430,24 +454,25 @@ def create_app(
             return {"status": "ok", "errors": traffic.errors}
         return {"status": "degraded", "error": traffic.degraded, "errors": traffic.errors}
 
+    def is_ready() -> bool:
+        return app.state.ready and not app.state.draining
+
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
         # A degraded traffic log does not make the server unready: predictions still work.
-        is_ready = app.state.ready and not app.state.draining
         return JSONResponse(
-            status_code=200 if is_ready else 503,
+            status_code=200 if is_ready() else 503,
             content={
-                "ready": is_ready,
+                "ready": is_ready(),
                 "draining": app.state.draining,
                 "traffic_log": traffic_log_status(),
-                "following": stage_status(),
             },
         )
 
     @app.get("/v2/models/{name}")
-    async def model_metadata(name: str) -> dict[str, Any]:
-        _known(name)
-        engine = live_model.engine
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        engine = _known(name, version)
         return {
             "name": cfg.model_name,
             "versions": [engine.version],
@@ -468,44 +493,97 @@ def create_app(
             },
         }
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_require_json)])
-    async def infer(name: str, body: InferRequest, request: Request) -> dict[str, Any]:
-        _known(name)
-        if len(body.inputs) != 1 or body.inputs[0].datatype != "BYTES":
-            raise ClientError(
-                422, "expected exactly one input, of datatype BYTES, holding the texts"
-            )
-        tensor = body.inputs[0]
-        if not all(isinstance(t, str) for t in tensor.data):
-            raise ClientError(422, f"input {tensor.name!r}: every element must be a string")
-        if tensor.shape != [len(tensor.data)]:
-            raise ClientError(
-                422,
-                f"input {tensor.name!r}: shape {tensor.shape} does not match "
-                f"{len(tensor.data)} elements",
-            )
-        request_id = _checked_id(body.id, "id") if body.id else _request_id(request)
-        predictions = await predict(tensor.data, request_id)
-        labels = list(predictions[0].probabilities)
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+        _known(name, version)
+        return JSONResponse(
+            status_code=200 if is_ready() else 503, content={"name": name, "ready": is_ready()}
+        )
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model-configuration extension, from what this server really runs."""
+        engine = _known(name, version)
         return {
-            "model_name": cfg.model_name,
-            "model_version": predictions[0].model_version,
-            "id": body.id,
-            "outputs": [
-                {
-                    "name": "label",
-                    "datatype": "BYTES",
-                    "shape": [len(predictions)],
-                    "data": [p.label for p in predictions],
-                },
+            "name": cfg.model_name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [engine.version]}},
+            # Batching happens inside the server (micro-batching), not in the tensor shape.
+            "max_batch_size": 0,
+            "input": [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}],
+            "output": [
+                {"name": "label", "data_type": "TYPE_STRING", "dims": [-1]},
                 {
                     "name": "probabilities",
-                    "datatype": "FP32",
-                    "shape": [len(predictions), len(labels)],
-                    "data": [p.probabilities[label] for p in predictions for label in labels],
+                    "data_type": "TYPE_FP32",
+                    "dims": [-1, len(engine.labels)],
+                    "label_filename": "",
                 },
             ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(cfg.max_wait_ms * 1000),
+                "preferred_batch_size": [cfg.max_batch_size],
+            },
+            "instance_group": [
+                {"count": 1, "kind": "KIND_GPU" if engine.device == "cuda" else "KIND_CPU"}
+            ],
+            "parameters": {
+                "labels": {"string_value": ",".join(engine.labels)},
+                "variant": {"string_value": engine.variant},
+                "max_length": {"string_value": str(engine.max_length)},
+            },
         }
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics extension: counts and cumulative nanoseconds since start."""
+        engine = _known(name, version)
+        return {"model_stats": [stats.triton(cfg.model_name, engine.version)]}
+
+    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_require_json)])
+    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(_require_json)])
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        _known(name, version)
+        try:
+            parsed = parse_infer(
+                await request.body(),
+                request.headers.get(HEADER_LENGTH),
+                ["label", "probabilities"],
+            )
+        except ProtocolError as err:
+            stats.failed(0)
+            raise ClientError(err.status, str(err)) from None
+        request_id = _checked_id(parsed.id, "id") if parsed.id else _request_id(request)
+        predictions = await predict(parsed.texts, request_id)
+        labels = list(predictions[0].probabilities)
+        body, header_length = infer_response(
+            cfg.model_name,
+            predictions[0].model_version,
+            parsed.id,
+            {
+                "label": ("BYTES", [len(predictions)], [p.label for p in predictions]),
+                "probabilities": (
+                    "FP32",
+                    [len(predictions), len(labels)],
+                    np.array(
+                        [[p.probabilities[label] for label in labels] for p in predictions],
+                        dtype=np.float32,
+                    ),
+                ),
+            },
+            parsed.outputs,
+        )
+        if header_length is None:
+            return Response(body, media_type="application/json")
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +307,33 @@ def write_traffic(folder: Path, texts: list[str], when: Any = None) -> Path:
     with (folder / f"traffic-{when:%Y%m%dT%H}.jsonl").open("a", encoding="utf-8") as handle:
         handle.writelines(traffic_record(text, when) + "\n" for text in texts)
     return folder
+
+
+def serving_workspace(tiny_export: Callable[[int], Path], root: Path) -> Path:
+    shutil.copytree(tiny_export(0), root / "models" / "onnx")
+    shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
+    return root
+
+
+def serve(root: Path, preexec_fn: Callable[[], None] | None = None) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    process = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
+        root,
+        port,
+        root / "server.log",
+        preexec_fn=preexec_fn,
+    )
+    return f"http://127.0.0.1:{port}", process
+
+
+@pytest.fixture(scope="session")
+def served(
+    tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """One `lmops serve` process on the tiny export for every test that leaves it serving:
+    (URL, workspace)."""
+    root = serving_workspace(tiny_export, tmp_path_factory.mktemp("served"))
+    url, process = serve(root)
+    yield url, root
+    stop_server(process)

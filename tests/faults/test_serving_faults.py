@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import stop_server
-from tests.faults.conftest import fault_workspace, serve
+from tests.conftest import serve, serving_workspace, stop_server
 
 pytestmark = pytest.mark.faults
 
@@ -128,7 +127,7 @@ def test_disk_full_answers_every_prediction_and_leaves_no_partial_line(
 ) -> None:
     """RLIMIT_FSIZE stands in for a full disk: a write past it stops part-way (EFBIG), as on
     a full disk. The server log goes to a file too, so the limit leaves it room."""
-    root = fault_workspace(tiny_export, tmp_path)
+    root = serving_workspace(tiny_export, tmp_path)
     limit = 256 * 1024
 
     def small_disk() -> None:
@@ -204,7 +203,7 @@ def test_sigterm_drains_answers_every_request_then_stops(
 ) -> None:
     """On SIGTERM ready turns 503 at once, requests on kept-alive connections keep getting
     answers for serve.drain_seconds, and the process then stops by itself."""
-    root = fault_workspace(tiny_export, tmp_path)
+    root = serving_workspace(tiny_export, tmp_path)
     url, process = serve(root)
     lost: list[str] = []
     answered: list[float] = []
