@@ -34,10 +34,10 @@ from lmops.stages import (
     METRICS,
     PRETRAIN_METRICS,
     PRETRAINED_DIR,
-    STAGES,
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
+from tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "bench" / "recipes.json"

@@ -146,7 +146,7 @@ def engines(
 
 
 def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) -> dict:
-    from serving.engine import Engine
+    from lmops.engine import Engine
 
     engine = Engine(onnx_dir, require_gpu=False, max_batch_size=32, threads=threads)
     one = timed(lambda: engine.predict(texts[:1]), seconds)

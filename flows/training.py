@@ -40,11 +40,11 @@ from lmops.stages import (
     MODEL_CARD,
     ONNX_DIR,
     PLOTS_DIR,
-    STAGES,
     VALIDATED_DIR,
     VALIDATION_DOCS_DIR,
 )
 from lmops.workspace import workspace_lock
+from tasks.stages import STAGES
 
 
 def _dvc_env() -> dict[str, str]:
@@ -242,7 +242,7 @@ def _registry_markdown(root: Path, registered: dict[str, Any], promoted: dict | 
         "|---|---|",
         *(
             f"| {stage} | {registry.stage_version(root, stage) or '-'} |"
-            for stage in registry.STAGES
+            for stage in registry.REGISTRY_STAGES
         ),
     ]
     if promoted is not None:

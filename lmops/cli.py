@@ -143,7 +143,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml.")]) -> None:
     """Run one stage from params.yaml: what each stage's `cmd` in dvc.yaml calls."""
     from lmops.config import load_params
-    from lmops.stages import STAGES
+    from tasks.stages import STAGES
 
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
@@ -229,7 +229,7 @@ def _served(root: Path, url: str) -> None:
     from lmops.config import load_params
 
     name = load_params(root).serve.model_name
-    stages = {stage: registry.stage_version(root, stage) for stage in registry.STAGES}
+    stages = {stage: registry.stage_version(root, stage) for stage in registry.REGISTRY_STAGES}
     typer.echo("registry: " + ", ".join(f"{s} {v or '-'}" for s, v in stages.items()))
     try:
         response = httpx.get(f"{url.rstrip('/')}/v2/models/{name}", timeout=10)
@@ -319,8 +319,8 @@ def serve(
     """Serve the exported model with ONNX Runtime: /v1/predict, /v2 (Open Inference
     Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
     from lmops.config import load_params
+    from lmops.engine import Engine
     from serving.app import create_app, run_server
-    from serving.engine import Engine
     from serving.swap import Following
 
     _log_to_console()

@@ -22,7 +22,7 @@ from lmops.errors import LmopsError
 from lmops.stages import METRICS
 
 ARTIFACT = "lmops"
-STAGES = ("staging", "prod")
+REGISTRY_STAGES = ("staging", "prod")
 # Where registered versions are fetched to (from DVC's cache) for serving and promotion.
 MATERIALIZED_DIR = Path("models/registry")
 # What a registration commits beside dvc.lock: the params it ran with and the reports
@@ -222,7 +222,7 @@ def _tag_number(ref: str) -> int:
 
 def versions(root: Path) -> list[dict[str, Any]]:
     """Every registered version, newest first, with its active stages and test metrics."""
-    active = {stage: stage_version(root, stage) for stage in STAGES}
+    active = {stage: stage_version(root, stage) for stage in REGISTRY_STAGES}
     rows = []
     for entry in _versions_raw(root):
         if not entry["registrations"]:
@@ -234,7 +234,7 @@ def versions(root: Path) -> list[dict[str, Any]]:
                 "commit": entry["commit_hexsha"],
                 "registered": registration["created_at"].isoformat(),
                 "by": _parse_record(registration["message"] or "").get("by", ""),
-                "stages": [stage for stage in STAGES if active[stage] == entry["version"]],
+                "stages": [stage for stage in REGISTRY_STAGES if active[stage] == entry["version"]],
                 **key_metrics(metrics_at(root, entry["commit_hexsha"])),
             }
         )
@@ -257,8 +257,8 @@ def assign(
     """Point `stage` at `version`. A version reaches prod only after it has been in staging."""
     import gto.api
 
-    if stage not in STAGES:
-        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    if stage not in REGISTRY_STAGES:
+        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(REGISTRY_STAGES)})")
     commit_of(root, version)
     if stage == "prod" and not any(
         e["event"] == "assignment" and e["stage"] == "staging" and e["version"] == version
@@ -344,8 +344,8 @@ def stage_resolver(root: Path, stage: str) -> Callable[[], tuple[str, Path]]:
     """What a server polls: the version `stage` points at now, and where its export is
     fetched to (by the loader, so that a failed fetch is a failed swap, retried with
     backoff, while the version the stage wants stays known)."""
-    if stage not in STAGES:
-        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    if stage not in REGISTRY_STAGES:
+        raise LmopsError(f"unknown stage {stage!r} (stages: {', '.join(REGISTRY_STAGES)})")
 
     def resolve() -> tuple[str, Path]:
         version = stage_version(root, stage)

@@ -30,8 +30,8 @@ from prometheus_client import (
 from pydantic import BaseModel, StrictStr
 
 from lmops.config import ServeConfig
+from lmops.engine import Engine
 from serving.batcher import MicroBatcher, Overloaded, TextRejected
-from serving.engine import Engine
 from serving.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from lmops import registry
 from lmops.config import ServeConfig
+from lmops.engine import CorruptModel, Engine
 from lmops.errors import LmopsError
-from serving.engine import CorruptModel, Engine
 from serving.swap import Loader, describe
 
 log = logging.getLogger(__name__)

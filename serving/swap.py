@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lmops.engine import Engine, Prediction
 from lmops.errors import LmopsError
-from serving.engine import Engine, Prediction
 
 log = logging.getLogger(__name__)
 

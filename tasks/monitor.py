@@ -2,7 +2,7 @@
 
 Reference: the held-out splits of data/validated (`monitor.reference_splits`). Current: the
 traffic log's window (`monitor.window`). Both sides are sampled to `monitor.sample_rows`
-and run through the same ONNX export (`serving.engine.Engine`, its fp32 graph), so the
+and run through the same ONNX export (`lmops.engine.Engine`, its fp32 graph), so the
 prediction columns and embeddings of both come from the one model being watched: a hot swap
 in the middle of the window is not mistaken for drift (the versions that served the window
 are counted).
@@ -416,7 +416,7 @@ def run(
         write_json(reports_dir / LATEST, summary)
         return summary
 
-    from serving.engine import Engine
+    from lmops.engine import Engine
 
     engine = Engine(model_dir, require_gpu=False, max_batch_size=64, variant=VARIANT)
     reference_texts = _reference_texts(validated_dir, cfg.reference_splits)

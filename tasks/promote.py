@@ -35,7 +35,7 @@ def test_split(root: Path, commit: str) -> Any:
 
 
 def _engine(model_dir: Path) -> Any:
-    from serving.engine import Engine
+    from lmops.engine import Engine
 
     return Engine(model_dir, require_gpu=False, max_batch_size=32)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine import Engine
+from lmops.engine import Engine
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.conformance

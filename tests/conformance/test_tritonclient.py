@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from serving.engine import Engine
+from lmops.engine import Engine
 
 pytestmark = pytest.mark.conformance
 

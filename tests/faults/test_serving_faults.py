@@ -245,7 +245,7 @@ def test_sigterm_drains_answers_every_request_then_stops(
 def test_traffic_log_folder_gone_at_rotation_recovers(tmp_path: Path) -> None:
     """Rotation (here by size) while the folder is gone: later records land in a new file
     in the recreated folder; before, every later write failed for good."""
-    from serving.engine import Prediction
+    from lmops.engine import Prediction
     from serving.traffic import TrafficLog
 
     folder = tmp_path / "traffic"

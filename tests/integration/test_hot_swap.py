@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from lmops.config import apply_overrides
-from serving.engine import Engine
+from lmops.engine import Engine
 from tests.conftest import REPO_ROOT, free_port, start_server, stop_server
 
 POLL_SECONDS = 0.25
@@ -36,7 +36,7 @@ import uvicorn
 
 from lmops.config import load_params
 from serving.app import create_app
-from serving.engine import Engine
+from lmops.engine import Engine
 from serving.swap import Following
 
 root, pointer, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

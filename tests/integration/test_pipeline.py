@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lmops.stages import STAGES
+from tasks.stages import STAGES
 from tests.conftest import latest_artifact, tiny_git_project, tool_env, tree_digest
 
 UP_TO_DATE = "Data and pipelines are up to date."

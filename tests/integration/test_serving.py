@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from lmops.config import apply_overrides, load_params
-from serving.engine import Engine
+from lmops.engine import Engine
 from tests.conftest import REPO_ROOT, free_port, start_server, stop_server, tool_env
 
 
@@ -255,7 +255,7 @@ def test_traffic_log_records_every_prediction(server: str, workspace: Path) -> N
 
 
 def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> None:
-    from serving.engine import Prediction
+    from lmops.engine import Prediction
     from serving.traffic import TrafficLog
 
     log = TrafficLog(tmp_path, store_text=False, rotate_mb=1)
@@ -290,7 +290,7 @@ def test_require_gpu_refuses_to_start_without_cuda(workspace: Path, engine: Engi
 
 def test_serving_code_imports_no_heavy_library() -> None:
     probe = (
-        "import sys, lmops.cli, serving.app, serving.engine; "
+        "import sys, lmops.cli, serving.app, lmops.engine; "
         "print(sorted({'torch', 'transformers', 'great_expectations', 'evidently'} "
         "& set(sys.modules)))"
     )

@@ -19,10 +19,10 @@ from lmops.stages import (
     FINETUNED_DIR,
     PRETRAIN_METRICS,
     PRETRAINED_DIR,
-    STAGES,
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
+from tasks.stages import STAGES
 from tests.conftest import params_with, tiny_raw
 
 

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from lmops.config import MonitorConfig, MonitorWindowConfig
+from lmops.engine import Engine
 from lmops.errors import DataError
 from lmops.simulate import news_sentences
 from lmops.sources import read_labelled
-from serving.engine import Engine
 from tasks import monitor
 from tests.conftest import REPO_ROOT, params_with, traffic_record, write_traffic
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lmops.engine import Engine
 from lmops.errors import LmopsError
 from serving.app import Metrics
-from serving.engine import Engine
 from serving.swap import MAX_BACKOFF_POLLS, LiveModel, StageWatcher
 
 

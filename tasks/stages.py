@@ -1,0 +1,140 @@
+"""`lmops stage NAME` (the `cmd` of every stage in dvc.yaml) lands here; so does the
+Prefect flow, through `dvc repro`. Each stage function reads and writes the paths
+lmops/stages.py declares for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmops.config import Params
+from lmops.stages import (
+    FINETUNE_LIVE,
+    FINETUNE_METRICS,
+    FINETUNED_DIR,
+    INGEST_METRICS,
+    INGESTED_DIR,
+    METRICS,
+    MODEL_CARD,
+    ONNX_DIR,
+    PLOTS_DIR,
+    PRETRAIN_CHECKPOINTS,
+    PRETRAIN_LIVE,
+    PRETRAIN_METRICS,
+    PRETRAINED_DIR,
+    QUARANTINE_DIR,
+    TOKENIZER_DIR,
+    TOKENIZER_METRICS,
+    TRITON_DIR,
+    VALIDATED_DIR,
+    VALIDATION_DOCS_DIR,
+    VALIDATION_METRICS,
+)
+
+
+def _ingest(params: Params, root: Path) -> Any:
+    from tasks import ingest
+
+    return ingest.run(params.data, root, root / INGESTED_DIR, root / INGEST_METRICS)
+
+
+def _validate(params: Params, root: Path) -> Any:
+    from tasks import validate
+
+    return validate.run(
+        params.validation,
+        ingested_dir=root / INGESTED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        docs_dir=root / VALIDATION_DOCS_DIR,
+        quarantine_root=root / QUARANTINE_DIR,
+        metrics_path=root / VALIDATION_METRICS,
+    )
+
+
+def _tokenizer(params: Params, root: Path) -> Any:
+    from lmops.modeling import init_checkpoint
+    from tasks import tokenizer
+
+    return tokenizer.run(
+        params.tokenizer,
+        params.model,
+        root / VALIDATED_DIR,
+        root / TOKENIZER_DIR,
+        root / TOKENIZER_METRICS,
+        init_dir=init_checkpoint(params.model, root),
+    )
+
+
+def _pretrain(params: Params, root: Path) -> Any:
+    from lmops.modeling import init_checkpoint
+    from tasks import pretrain
+
+    return pretrain.run(
+        params.pretrain,
+        params.model,
+        init_dir=init_checkpoint(params.model, root),
+        used=params.finetune.from_pretrained,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / PRETRAINED_DIR,
+        checkpoint_dir=root / PRETRAIN_CHECKPOINTS,
+        live_dir=root / PRETRAIN_LIVE,
+        metrics_path=root / PRETRAIN_METRICS,
+    )
+
+
+def _finetune(params: Params, root: Path) -> Any:
+    from tasks import finetune
+
+    return finetune.run(
+        params.finetune,
+        params.model,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        pretrained_dir=root / PRETRAINED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / FINETUNED_DIR,
+        live_dir=root / FINETUNE_LIVE,
+        metrics_path=root / FINETUNE_METRICS,
+    )
+
+
+def _evaluate(params: Params, root: Path) -> Any:
+    from tasks import evaluate
+
+    return evaluate.run(
+        params.evaluate,
+        params.finetune,
+        params.model,
+        finetuned_dir=root / FINETUNED_DIR,
+        tokenizer_dir=root / TOKENIZER_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        metrics_path=root / METRICS,
+        plots_dir=root / PLOTS_DIR,
+        model_card_path=root / MODEL_CARD,
+    )
+
+
+def _export(params: Params, root: Path) -> Any:
+    from tasks import export
+
+    return export.run(
+        params.export,
+        params.model,
+        finetuned_dir=root / FINETUNED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / ONNX_DIR,
+        triton_dir=root / TRITON_DIR,
+    )
+
+
+# In pipeline order (lmops.stages.PIPELINE).
+STAGES: dict[str, Callable[[Params, Path], Any]] = {
+    "ingest": _ingest,
+    "validate": _validate,
+    "tokenizer": _tokenizer,
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "evaluate": _evaluate,
+    "export": _export,
+}
