@@ -116,6 +116,52 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+TEXT_MODEL, TOKENIZER_MODEL = "lmops_text", "lmops_tokenizer"
+
+
+def _triton_text_configs(model_cfg: ModelConfig, num_labels: int, max_batch: int) -> dict[str, str]:
+    """The tokenizer step (Python backend) and the ensemble that takes raw text."""
+    tokenizer = f"""name: "{TOKENIZER_MODEL}"
+backend: "python"
+max_batch_size: {max_batch}
+input [ {{ name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }}
+]
+parameters {{ key: "max_length" value: {{ string_value: "{model_cfg.max_length}" }} }}
+"""
+    ensemble = f"""name: "{TEXT_MODEL}"
+platform: "ensemble"
+max_batch_size: {max_batch}
+input [ {{ name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [
+  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_labels} ] label_filename: "labels.txt" }},
+  {{ name: "embedding" data_type: TYPE_FP32 dims: [ {model_cfg.hidden_size} ] }}
+]
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: "{TOKENIZER_MODEL}"
+      model_version: -1
+      input_map {{ key: "TEXT" value: "TEXT" }}
+      output_map {{ key: "input_ids" value: "input_ids" }}
+      output_map {{ key: "attention_mask" value: "attention_mask" }}
+    }},
+    {{
+      model_name: "lmops"
+      model_version: -1
+      input_map {{ key: "input_ids" value: "input_ids" }}
+      input_map {{ key: "attention_mask" value: "attention_mask" }}
+      output_map {{ key: "logits" value: "logits" }}
+      output_map {{ key: "embedding" value: "embedding" }}
+    }}
+  ]
+}}
+"""
+    return {TOKENIZER_MODEL: tokenizer, TEXT_MODEL: ensemble}
+
+
 def _triton_config(name: str, model_cfg: ModelConfig, num_labels: int, max_batch: int) -> str:
     inputs = "\n".join(
         f'  {{ name: "{n}" data_type: TYPE_INT64 dims: [ -1 ] }},' for n in INPUTS
@@ -264,6 +310,15 @@ def run(
             _triton_config("lmops", model_cfg, len(labels), cfg.parity_batch_size), "utf-8"
         )
         (model_dir / "labels.txt").write_text("\n".join(labels) + "\n", "utf-8")
+        # Raw text in, as `lmops serve` takes it: a tokenizer step and an ensemble.
+        configs = _triton_text_configs(model_cfg, len(labels), cfg.parity_batch_size)
+        for name, config in configs.items():
+            (scratch / name / "1").mkdir(parents=True)
+            (scratch / name / "config.pbtxt").write_text(config, "utf-8")
+        step = scratch / TOKENIZER_MODEL / "1"
+        shutil.copy2(Path(__file__).with_name("triton_tokenizer.py"), step / "model.py")
+        shutil.copy2(out_dir / "tokenizer" / "tokenizer.json", step / "tokenizer.json")
+        (scratch / TEXT_MODEL / "labels.txt").write_text("\n".join(labels) + "\n", "utf-8")
     for name, reason in refused.items():
         log.warning("export: %s variant not published: %s", name, reason)
     log.info(
