@@ -47,6 +47,8 @@ class ClassifierSpec:
     ngram: NgramSpec | None = None
     # Hashed n-gram embeddings added to the token embeddings (lmops/ngrams.py).
     input_ngrams: NgramSpec | None = None
+    # Divides the served logits (lmops/calibration.py); fitted on val after training.
+    temperature: float = 1.0
 
 
 class TextClassifier(torch.nn.Module):
@@ -105,6 +107,9 @@ class TextClassifier(torch.nn.Module):
     def with_ngram(self, module: Any, spec: NgramSpec, transformer_weight: float) -> None:
         self.ngram = module
         self.spec = replace(self.spec, transformer_weight=transformer_weight, ngram=spec)
+
+    def with_temperature(self, temperature: float) -> None:
+        self.spec = replace(self.spec, temperature=temperature)
 
 
 def _encoder_kwargs(config: Any) -> dict[str, Any]:

@@ -69,6 +69,8 @@ class Engine:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CorruptModel(f"{manifest_path} is not readable JSON ({err})") from None
         self.labels: list[str] = self.manifest["labels"]
+        # Calibration (lmops/calibration.py): scores are softmax(logits / temperature).
+        self.temperature = float(self.manifest.get("temperature", 1.0))
         self.max_length: int = self.manifest["max_length"]
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
@@ -142,7 +144,7 @@ class Engine:
         return self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
 
     def _run(self, ids: list[list[int]]) -> np.ndarray:
-        return _softmax(self._session_run(ids, ["logits"])[0])
+        return _softmax(self._session_run(ids, ["logits"])[0] / self.temperature)
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """Indexes sorted by length, cut so that padding stays under a fifth of a run's
@@ -179,7 +181,7 @@ class Engine:
         embeddings = np.zeros((len(texts), width), dtype=np.float32)
         for chunk in self._chunks([len(seq) for seq in ids]):
             logits, pooled = self._session_run([ids[i] for i in chunk], ["logits", "embedding"])
-            probs[chunk] = _softmax(logits)
+            probs[chunk] = _softmax(logits / self.temperature)
             embeddings[chunk] = pooled
         return probs, embeddings
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from lmops.atomic import write_json
 from lmops.batching import predict_proba
+from lmops.calibration import apply_temperature, expected_calibration_error, reliability_rows
 from lmops.config import EvaluateConfig, FinetuneConfig, ModelConfig
 from lmops.modeling import load_tokenizer
 
@@ -55,18 +56,6 @@ def baseline_proba(
     pipeline.fit(train["text"], train["label"])
     order = [list(pipeline.classes_).index(name) for name in labels]
     return pipeline.predict_proba(texts)[:, order]
-
-
-def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int) -> float:
-    confidence, predicted = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    error = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            gap = (predicted[inside] == targets[inside]).mean() - confidence[inside].mean()
-            error += inside.mean() * abs(gap)
-    return float(error)
 
 
 def _slice_names(buckets: list[int]) -> list[str]:
@@ -216,6 +205,7 @@ def _model_card(
     pretrained: bool,
 ) -> str:
     m, b, gates = metrics["model"], metrics["baseline"], metrics["gates"]
+    calibration = metrics["calibration"]
     alone = metrics.get("transformer_only")
     header = "| metric | served model |" + (" transformer alone |" if alone else "")
     rows = [
@@ -275,6 +265,11 @@ def _model_card(
         )
         + ".",
         "",
+        f"Calibration: the served scores are softmax(logits / {calibration['temperature']:.3f}), "
+        "the temperature fitted on the validation split; expected calibration error on test "
+        f"{calibration['test_ece_before']:.4f} before, {calibration['test_ece_after']:.4f} after "
+        "(the `ece` row above is after). Labels do not change.",
+        "",
         "## Limits",
         "- Trained only on the data above; accuracy on other domains (e.g. news, other "
         "product types) is unknown and should be monitored.",
@@ -312,7 +307,9 @@ def run(
     def predict(batch_texts: list[str]) -> np.ndarray:
         return predict_proba(model, tokenizer, batch_texts, model_cfg.max_length)
 
-    probs = predict(texts)
+    # What the server answers: the graph's scores divided by the temperature fitted on val.
+    raw_probs = predict(texts)
+    probs = apply_temperature(raw_probs, model.spec.temperature)
     model_metrics = classification_metrics(targets, probs, cfg, lengths)
     baseline_probs = baseline_proba(cfg, train, texts, labels)
     baseline_metrics = classification_metrics(targets, baseline_probs, cfg, lengths)
@@ -330,6 +327,13 @@ def run(
             probs.argmax(1),
             baseline_probs.argmax(1),
         ),
+    }
+    bins = cfg.calibration_bins
+    metrics["calibration"] = {
+        "temperature": model.spec.temperature,
+        "test_ece_before": round(expected_calibration_error(targets, raw_probs, bins), 5),
+        "test_ece_after": round(expected_calibration_error(targets, probs, bins), 5),
+        "bins": bins,
     }
     if model.ngram is not None:
         # The served model combines two; each part alone, for the card's side-by-side.
@@ -369,6 +373,11 @@ def run(
         ],
     )
     write_json(plots_dir / "roc.json", _roc_rows(targets, probs, labels))
+    for which, scores in (("before", raw_probs), ("after", probs)):
+        write_json(
+            plots_dir / f"reliability_{which}.json",
+            reliability_rows(targets, scores, bins, f"{which} calibration"),
+        )
     model_card_path.write_text(
         _model_card(
             metrics, read_manifest(validated_dir), model_cfg, labels, finetune_cfg.from_pretrained

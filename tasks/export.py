@@ -299,6 +299,8 @@ def run(
                 "CPUExecutionProvider": cfg.cpu_variant if cfg.cpu_variant in published else "fp32",
             },
         }
+        # The server divides the logits by it (lmops/calibration.py); parity is on logits.
+        manifest["temperature"] = model.spec.temperature
         write_json(scratch / "manifest.json", manifest)
         fp32_sha = manifest["variants"]["fp32"]["sha256"]
 

@@ -248,6 +248,23 @@ def attach_ngram_channel(
     }
 
 
+def calibrate(model: Any, tokenizer: Any, val: pd.DataFrame, max_length: int) -> dict[str, Any]:
+    """Fit the served model's temperature on the val split (what export puts in the
+    manifest and the engine divides the logits by)."""
+    from lmops.calibration import apply_temperature, fit_temperature
+    from lmops.ngrams import log_loss
+
+    probs = predict_proba(model, tokenizer, val["text"].tolist(), max_length)
+    targets = val["label"].map({n: i for i, n in enumerate(model.spec.labels)}).to_numpy()
+    temperature = round(fit_temperature(probs, targets), 5)
+    model.with_temperature(temperature)
+    return {
+        "temperature": temperature,
+        "val_log_loss_before": round(log_loss(probs, targets), 5),
+        "val_log_loss_after": round(log_loss(apply_temperature(probs, temperature), targets), 5),
+    }
+
+
 def run(
     cfg: FinetuneConfig,
     model_cfg: ModelConfig,
@@ -276,6 +293,7 @@ def run(
         summary["ngram_channel"] = attach_ngram_channel(
             cfg.ngram_channel, model, tokenizer, train, val, model_cfg.max_length
         )
+    summary["calibration"] = calibrate(model, tokenizer, val, model_cfg.max_length)
     if summary.pop("_main"):
         from lmops.classifier import save
 

@@ -128,3 +128,22 @@ def test_padding_does_not_change_a_text_s_logits(exported: tuple, tiny_validated
             ["logits"], {k: v.numpy() for k, v in collate([seq], tokenizer.pad_token_id).items()}
         )[0]
         np.testing.assert_allclose(alone[0], together[row], atol=1e-4)
+
+
+def test_the_engine_serves_calibrated_scores_from_the_raw_logits(exported: tuple) -> None:
+    """The temperature fitted on val travels in the manifest; the graph's logits stay raw
+    (parity is on them) and the engine divides them before the softmax."""
+    import numpy as np
+
+    from lmops.classifier import load
+    from lmops.engine import Engine
+    from lmops.ngrams import softmax
+
+    manifest, root, _ = exported
+    assert manifest["temperature"] == load(root / "finetuned").spec.temperature
+    engine = Engine(root / "onnx", require_gpu=False, max_batch_size=8, variant="fp32")
+    text = "质量很好，很满意"
+    ids = engine.tokenizer.encode(text).ids
+    logits = engine._session_run([ids], ["logits"])[0]
+    served = np.array([list(engine.predict([text])[0].probabilities.values())])
+    np.testing.assert_allclose(served, softmax(logits / manifest["temperature"]), atol=1e-6)

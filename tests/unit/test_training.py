@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from lmops.calibration import expected_calibration_error
 from lmops.config import Params
 from lmops.errors import ConfigError, DataError
 from tasks import evaluate, finetune, pretrain, tokenizer
@@ -208,6 +209,22 @@ def test_finetune_and_evaluate_against_the_baseline(
         tmp_path / "plots",
         tmp_path / "card.md",
     )
+    calibration = metrics["calibration"]
+    assert (
+        calibration["temperature"]
+        == model.spec.temperature
+        == summary["calibration"]["temperature"]
+    )
+    assert 0.05 <= calibration["temperature"] <= 20
+    assert (
+        summary["calibration"]["val_log_loss_after"]
+        <= summary["calibration"]["val_log_loss_before"]
+    )
+    assert metrics["model"]["ece"] == calibration["test_ece_after"]
+    for which in ("before", "after"):
+        rows = json.loads((tmp_path / "plots" / f"reliability_{which}.json").read_text("utf-8"))
+        assert sum(row["texts"] for row in rows) == 150
+        assert all(0 <= row["confidence"] <= 1 and 0 <= row["accuracy"] <= 1 for row in rows)
     for side in ("model", "baseline"):
         assert set(metrics[side]) >= {"accuracy", "macro_f1", "roc_auc", "ece", "slices_by_chars"}
         assert 0 <= metrics[side]["ece"] <= 1
@@ -242,8 +259,30 @@ def test_expected_calibration_error_of_a_perfectly_calibrated_model() -> None:
 
     probs = np.array([[0.2, 0.8]] * 10)
     targets = np.array([1] * 8 + [0] * 2)
-    assert evaluate.expected_calibration_error(targets, probs, bins=10) == pytest.approx(0.0)
-    assert evaluate.expected_calibration_error(1 - targets, probs, bins=10) == pytest.approx(0.6)
+    assert expected_calibration_error(targets, probs, bins=10) == pytest.approx(0.0)
+    assert expected_calibration_error(1 - targets, probs, bins=10) == pytest.approx(0.6)
+
+
+def test_temperature_scaling_recovers_a_known_overconfidence() -> None:
+    """Scores twice as sharp as the truth: the fit finds T = 2 within its sampling noise,
+    labels stay, and the calibration error falls."""
+    import numpy as np
+
+    from lmops.calibration import apply_temperature, fit_temperature
+    from lmops.ngrams import softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20_000, 2))
+    truth = softmax(logits / 2)
+    targets = (rng.random(len(truth)) < truth[:, 1]).astype(int)
+    overconfident = softmax(logits)
+    temperature = fit_temperature(overconfident, targets)
+    assert temperature == pytest.approx(2.0, abs=0.1)
+    calibrated = apply_temperature(overconfident, temperature)
+    assert (calibrated.argmax(1) == overconfident.argmax(1)).all()
+    before = expected_calibration_error(targets, overconfident, bins=10)
+    after = expected_calibration_error(targets, calibrated, bins=10)
+    assert after < 0.02 < before
 
 
 def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
