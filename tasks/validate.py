@@ -175,21 +175,6 @@ def label_contract(
     )
 
 
-def validate_tables(
-    tables: dict[str, pd.DataFrame],
-    cfg: ValidationConfig,
-    docs_dir: Path,
-    show_rows: int,
-    labels: list[str],
-) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Run every suite; return the failure lines, per-batch stats and GX's raw results."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-
-    with _gx_logs_quiet():
-        return _run_suites(gx, tables, cfg, docs_dir, show_rows, labels)
-
-
 @contextlib.contextmanager
 def _gx_logs_quiet() -> Iterator[None]:
     """GX logs its internals at INFO, and a Data Docs renderer bug (KeyError
@@ -207,14 +192,18 @@ def _gx_logs_quiet() -> Iterator[None]:
         gx_log.propagate = propagate
 
 
-def _run_suites(
-    gx: Any,
+@_gx_logs_quiet()
+def validate_tables(
     tables: dict[str, pd.DataFrame],
     cfg: ValidationConfig,
     docs_dir: Path,
     show_rows: int,
     labels: list[str],
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Run every suite; return the failure lines, per-batch stats and GX's raw results."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
     context = _context(gx, docs_dir)
     source = context.data_sources.add_pandas("lmops")
     failures: list[str] = []

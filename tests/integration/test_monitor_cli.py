@@ -25,7 +25,7 @@ from tasks.monitor import reference_model
 from tests.conftest import (
     REPO_ROOT,
     free_port,
-    start_server,
+    serve,
     stop_server,
     tool_env,
     traffic_record,
@@ -123,14 +123,8 @@ def test_monitor_cli_too_little_traffic_and_hashes_only(
 @pytest.fixture(scope="module")
 def served(make_project: Callable[..., Path]) -> Iterator[tuple[Path, str]]:
     root = make_project("monitor-served", monitor__min_rows=50)
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
-        root,
-        port,
-        root / "server.log",
-    )
-    yield root, f"http://127.0.0.1:{port}"
+    url, server = serve(root)
+    yield root, url
     stop_server(server)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from lmops.config import apply_overrides, load_params
 from lmops.engine import Engine
-from tests.conftest import REPO_ROOT, free_port, start_server, stop_server, tool_env
+from tests.conftest import REPO_ROOT, free_port, serve, stop_server, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,8 @@ def workspace(tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
-    port = free_port()
-    process = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
-        workspace,
-        port,
-        workspace / "server.log",
-    )
-    yield f"http://127.0.0.1:{port}"
+    url, process = serve(workspace)
+    yield url
     stop_server(process)
 
 
