@@ -32,6 +32,9 @@ MAX_PENDING = 10_000
 # At most one log line per this many seconds while writes keep failing.
 ERROR_LOG_INTERVAL_S = 60.0
 _STOP = None
+# Characters that JSON leaves raw but `str.splitlines()` (and some log tools) break lines
+# at: escaped, so that one record is always one line for every reader. (Found by fuzzing.)
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
 class TrafficLog:
@@ -84,7 +87,7 @@ class TrafficLog:
                 record["text"] = text
             else:
                 record["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            lines.append(json.dumps(record, ensure_ascii=False))
+            lines.append(json.dumps(record, ensure_ascii=False).translate(LINE_BREAKS))
         try:
             self._pending.put_nowait(("\n".join(lines) + "\n").encode("utf-8"))
         except queue.Full:

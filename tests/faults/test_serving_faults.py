@@ -262,3 +262,12 @@ def test_traffic_log_folder_gone_at_rotation_recovers(tmp_path: Path) -> None:
     log.close()
     assert log.errors == 0 and log.degraded is None
     assert {r["request_id"] for r in _records(folder)} == {f"r{i}" for i in range(20, 40)}
+
+
+def test_a_text_with_unicode_line_breaks_stays_one_record(served: tuple[str, Path]) -> None:
+    """Found by the fuzzer: JSON leaves U+2028, U+2029 and U+0085 raw, and every reader
+    that splits lines the Unicode way (`str.splitlines`) cut such a record in two."""
+    url, root = served
+    text = "第一行\u2028第二行\x85第三行\u2029完"
+    assert _predict(url, [text], **{"x-request-id": "line-breaks"}).status_code == 200
+    assert _logged(root / "data" / "traffic", text)  # _records parses every line whole
