@@ -328,7 +328,6 @@ def create_app(
     app.state.ready = False
     # Set by the first SIGTERM (DrainingServer): not ready, still answering.
     app.state.draining = False
-    app.state.traffic = traffic
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
 
     app.add_middleware(RequestMetrics, metrics=metrics, state=app.state)
@@ -380,8 +379,10 @@ def create_app(
         started = time.perf_counter()
         try:
             predictions = await batcher.submit(texts)
-        except Overloaded:
+        except Exception as err:  # overloaded, a text the model refuses, a broken engine
             stats.failed(int((time.perf_counter() - started) * 1e9))
+            if not isinstance(err, Overloaded):
+                raise
             raise ClientError(
                 503,
                 "server overloaded: the request queue is full (serve.max_queue"

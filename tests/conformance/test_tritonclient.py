@@ -120,7 +120,13 @@ def test_config_and_statistics(client: triton.InferenceServerClient, engine: Eng
     assert after["inference_stats"]["success"]["count"] == (
         before["inference_stats"]["success"]["count"] + 1
     )
-    assert after["execution_count"] > before["execution_count"] - 1
+    assert after["execution_count"] > before["execution_count"]
+    floats = triton.InferInput("text", [1], "FP32")
+    floats.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("lmops", [floats])
+    failed = client.get_inference_statistics("lmops")["model_stats"][0]["inference_stats"]["fail"]
+    assert failed["count"] == after["inference_stats"]["fail"]["count"] + 1
 
 
 def test_a_request_without_content_type_is_read_as_json(served: tuple[str, Path]) -> None:
