@@ -15,7 +15,8 @@ UI_PORT ?= 4200
 PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
 POOL := lmops
 
-.PHONY: install run serve monitor monitor-ui ui deploy worker test test-faults fuzz lint format repro status clean
+.PHONY: install run serve monitor monitor-ui ui deploy worker test test-fast test-code test-data \
+	test-model test-faults test-e2e fuzz lint format repro status clean
 
 install: $(INSTALLED)
 
@@ -61,10 +62,16 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The fault family alone (tests/faults): poison input, a broken traffic log, HTTP edges,
-# SIGTERM, stage timeouts, resume, retries, a broken prod, and the fuzzers.
-test-faults: install
-	$(BIN)/python -m pytest -m faults
+# Between edits: the code and data families less what is `slow` (anything that ingests the
+# builtin data, trains, serves, or takes 10 s on its own); about a minute on 2 busy cores.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "(code or data) and not slow"
+
+# One family alone (README, Tests). test-faults: poison input, a broken traffic log, HTTP
+# edges, SIGTERM, stage timeouts, resume, retries, a broken prod, and the fuzzers.
+test-code test-data test-model test-faults test-e2e: install
+	$(BIN)/python -m pytest -m $(@:test-%=%)
 
 # The fuzzers with ten times the examples `make test` gives them (a few minutes).
 fuzz: install

@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from lmops.artifacts import ExportManifest, TrafficRecord, traffic_file_name
+
 ROOT = Path.cwd()
 NEWS_EVERY = 5
 
@@ -47,19 +49,19 @@ def synthesise(folder: Path, rows: int, validated_dir: Path, now: datetime) -> N
     for i in range(rows):
         when = now - timedelta(hours=12) + timedelta(hours=12) * i / rows
         text = news[i // NEWS_EVERY] if i % NEWS_EVERY == 0 else reviews[i % len(reviews)]
-        record = {
-            "timestamp": when.isoformat(timespec="milliseconds"),
-            "request_id": f"bench-{i}",
-            "label": "positive",
-            "score": 0.9,
-            "latency_ms": 1.0,
-            "model_version": "bench",
-            "text": text,
-        }
-        name = f"traffic-{when:%Y%m%dT%H}.jsonl"
+        record = TrafficRecord(
+            timestamp=when,
+            request_id=f"bench-{i}",
+            label="positive",
+            score=0.9,
+            latency_ms=1.0,
+            model_version="bench",
+            text=text,
+        )
+        name = traffic_file_name(when)
         if name not in handles:
             handles[name] = (folder / name).open("w", encoding="utf-8")
-        handles[name].write(json.dumps(record, ensure_ascii=False) + "\n")
+        handles[name].write(record.line() + "\n")
     for handle in handles.values():
         handle.close()
 
@@ -150,10 +152,9 @@ def main() -> None:
     if args.one:
         one_run(args)
         return
-    manifest_path = Path(args.model_dir) / "manifest.json"
-    if not manifest_path.is_file():
+    if not (Path(args.model_dir) / ExportManifest.FILE).is_file():
         sys.exit(f"no exported model at {args.model_dir} (make run first, or --model-dir)")
-    manifest = json.loads(manifest_path.read_text("utf-8"))
+    manifest = ExportManifest.of(Path(args.model_dir))
     from lmops.config import load_params
 
     cfg = load_params(ROOT).monitor
@@ -169,9 +170,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": {
             "dir": str(Path(args.model_dir).resolve()),
-            "architecture": manifest["architecture"],
-            "embedding_dim": manifest["outputs"]["embedding"]["shape"][1],
-            "max_length": manifest["max_length"],
+            "architecture": manifest.architecture,
+            "embedding_dim": manifest.outputs["embedding"].shape[1],
+            "max_length": manifest.max_length,
         },
         "reference": {"splits": cfg.reference_splits, "validated": args.validated},
         "sample_rows": cfg.sample_rows,

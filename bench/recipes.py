@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from lmops.artifacts import Metrics
 from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.stages import (
     FINETUNE_METRICS,
@@ -148,11 +149,11 @@ def run_recipe(
         seconds[stage] = round(time.perf_counter() - started, 1)
     if params.finetune.from_pretrained and cache_key not in pretrained_cache:
         pretrained_cache[cache_key] = (root, seconds["pretrain"])
-    metrics, finetune = _read(root / METRICS), _read(root / FINETUNE_METRICS)
+    metrics, finetune = Metrics.read(root / METRICS), _read(root / FINETUNE_METRICS)
     common = {
         "split_seed": seed,
         "baseline_val_accuracy": round(_baseline_val_accuracy(params, validated), 5),
-        "baseline_test_accuracy": metrics["baseline"]["accuracy"],
+        "baseline_test_accuracy": metrics.baseline.accuracy,
         "seconds": seconds,
         "total_seconds": round(sum(seconds.values()), 1),
         "best_epoch": finetune["best_epoch"],
@@ -170,7 +171,7 @@ def run_recipe(
                 "recipe": name,
                 **common,
                 "val_accuracy": channel["val_accuracy_combined"],
-                "test_accuracy": metrics["model"]["accuracy"],
+                "test_accuracy": metrics.model.accuracy,
                 "transformer_weight": channel["transformer_weight"],
             }
         )
@@ -179,7 +180,7 @@ def run_recipe(
             "recipe": f"{name} (transformer alone)" if channel else name,
             **common,
             "val_accuracy": finetune["val_accuracy"],
-            "test_accuracy": metrics.get("transformer_only", metrics["model"])["accuracy"],
+            "test_accuracy": (metrics.transformer_only or metrics.model).accuracy,
         }
     )
     shutil.rmtree(root / FINETUNED_DIR, ignore_errors=True)

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmops.artifacts import ExportManifest
+
 ROOT = Path.cwd()
 BATCHES = (1, 8, 32)
 CONCURRENCY = (1, 8, 32)
@@ -88,14 +90,14 @@ def engines(
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(str(onnx_dir / "tokenizer"))
     model = load(model_dir)
-    manifest = json.loads((onnx_dir / "manifest.json").read_text("utf-8"))
+    manifest = ExportManifest.of(onnx_dir)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as scratch:
         fused_path = Path(scratch) / "fused.onnx"
         optimize_model(
             str(onnx_dir / "model.onnx"),
-            model_type=manifest["architecture"],
+            model_type=manifest.architecture,
             num_heads=model.encoder.config.num_attention_heads,
             hidden_size=model.encoder.config.hidden_size,
         ).save_model_to_file(str(fused_path))
@@ -117,7 +119,7 @@ def engines(
                 texts[:batch],
                 padding=True,
                 truncation=True,
-                max_length=manifest["max_length"],
+                max_length=manifest.max_length,
                 return_tensors="np",
             )
             feed = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
@@ -138,8 +140,12 @@ def engines(
             row["ort_fp32_gflops"] = row["gflop"] / (row["ort_fp32_ms"] / 1000)
             results[f"batch_{batch}"] = {k: round(v, 4) for k, v in row.items()}
     results["int8_accuracy_drop"] = round(
-        manifest["variants"]["fp32"]["parity"]["accuracy"]
-        - manifest["variants"].get("int8", {}).get("parity", {}).get("accuracy", float("nan")),
+        manifest.variants["fp32"].parity["accuracy"]
+        - (
+            manifest.variants["int8"].parity["accuracy"]
+            if "int8" in manifest.variants
+            else float("nan")
+        ),
         5,
     )
     return results
@@ -291,7 +297,7 @@ def main() -> None:
             "what": "Open Inference Protocol through tritonclient[http]: JSON vs binary data",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"threads": args.threads, "platform": platform.platform()},
-            "model": json.loads((onnx_dir / "manifest.json").read_text("utf-8"))["architecture"],
+            "model": ExportManifest.of(onnx_dir).architecture,
             "protocol": http(onnx_dir, texts, args.threads, args.seconds, True, protocol_only=True),
         }
         out = ROOT / (args.out or "reports/bench/protocol.json")
@@ -346,7 +352,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cuda": torch.cuda.is_available(),
         },
-        "model": json.loads((onnx_dir / "manifest.json").read_text("utf-8"))["architecture"],
+        "model": ExportManifest.of(onnx_dir).architecture,
         "gemm_ceiling_gflops": round(ceiling, 1),
         "engines": engine_results,
         "bare_engine": bare,

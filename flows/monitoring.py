@@ -22,6 +22,7 @@ from prefect.events import emit_event
 from prefect.states import Failed
 
 from flows.retry import task_options
+from lmops.artifacts import DriftSummary
 from lmops.atomic import write_json
 from lmops.config import load_params
 from lmops.errors import LmopsError
@@ -50,33 +51,27 @@ def _last_trigger(path: Path) -> datetime | None:
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    rows = summary["rows"]
-    lines = [f"# Drift report — model {summary['model']['version']}", ""]
-    if summary["status"] == "not_enough_data":
-        return "\n".join([*lines, f"**{summary['message']}**: no report written."])
-    checks = summary["checks"]
-    columns, embedding = checks["columns"], checks["embedding"]
+    typed = DriftSummary.model_validate(summary)
+    lines = [f"# Drift report — model {typed.model.version}", ""]
+    if typed.status == "not_enough_data":
+        return "\n".join([*lines, f"**{typed.message}**: no report written."])
+    html = typed.report["html"] if typed.report else ""
+    per_column = typed.checks.columns.per_column if typed.checks else {}
     lines += [
-        f"**Drift {'DETECTED' if summary['drift_detected'] else 'not detected'}** "
-        f"({summary['trigger']})",
+        f"**Drift {'DETECTED' if typed.drift_detected else 'not detected'}** ({typed.trigger})",
         "",
         "| check | method | score | threshold | drift |",
         "|---|---|---:|---:|---|",
         *(
-            f"| {name} | {c['method']} | {c['score']:.4f} | {c['threshold']:g} | "
-            f"{'yes' if c['drifted'] else 'no'} |"
-            for name, c in columns["per_column"].items()
+            f"| {name if name in per_column else f'**{name}**'} | {method} | {score:.4f} | "
+            f"{threshold:g} | {drift} |"
+            for name, method, score, threshold, drift in typed.table()
         ),
-        f"| **drifted columns** | share | {columns['share']:.4f} | {columns['threshold']:g} | "
-        f"{'**yes**' if columns['drift'] else 'no'} ({columns['drifted']}/{columns['of']}) |",
-        f"| **embedding** | {embedding['method']} | {embedding['score']:.4f} | "
-        f"{embedding['threshold']:g} | {'**yes**' if embedding['drift'] else 'no'} |",
         "",
-        f"Rows: reference {rows['reference_sampled']:,} of {rows['reference']:,}, current "
-        f"{rows['current_sampled']:,} of {rows['current']:,} "
-        f"({summary['traffic']['corrupt_lines_skipped']:,} corrupt log lines skipped).",
+        f"{typed.rows_line().capitalize()} "
+        f"({typed.traffic.corrupt_lines_skipped:,} corrupt log lines skipped).",
         "",
-        f"Report: [{summary['report']['html']}]({Path(summary['report']['html']).as_uri()})",
+        f"Report: [{html}]({Path(html).as_uri()})",
     ]
     return "\n".join(lines)
 

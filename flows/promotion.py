@@ -4,7 +4,6 @@ with its numbers. The first model, with no champion, faces the absolute gates on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from prefect.states import Failed
 
 from flows.retry import task_options
 from lmops import registry
+from lmops.artifacts import ExportManifest
 from lmops.config import load_params
 from lmops.errors import LmopsError
 from lmops.workspace import workspace_lock
@@ -100,6 +100,6 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
     }
 
 
-def _manifest(root: Path, version: str) -> dict[str, Any]:
-    path = registry.materialize(root, version) / "manifest.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _manifest(root: Path, version: str) -> ExportManifest | None:
+    model_dir = registry.materialize(root, version)
+    return ExportManifest.of(model_dir) if (model_dir / ExportManifest.FILE).is_file() else None

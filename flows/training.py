@@ -8,7 +8,6 @@ after either, `dvc status` is clean and the other does no work.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from prefect.states import Completed, Failed
 from flows.promotion import actor, promotion
 from flows.retry import task_options
 from lmops import registry
+from lmops.artifacts import DataManifest, ExportManifest, Metrics
 from lmops.config import (
     OrchestrationConfig,
     apply_overrides,
@@ -151,15 +151,15 @@ def reproduce_stage(stage: str, project_dir: str, timeout_s: float) -> dict[str,
     return result
 
 
-def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[dict]) -> str:
-    rows = manifest["rows"]
+def _manifest_markdown(manifest: DataManifest, docs_index: Path, stages: list[dict]) -> str:
+    rows = manifest.rows
     lines = [
         "# Data manifest",
         "",
         "| table | rows | content sha256 |",
         "|---|---:|---|",
         *(
-            f"| {name} | {rows[name]:,} | `{manifest['content_sha256'][name][:16]}` |"
+            f"| {name} | {rows[name]:,} | `{manifest.content_sha256[name][:16]}` |"
             for name in rows
         ),
         "",
@@ -167,12 +167,12 @@ def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[
         "|---|---:|",
         *(
             f"| labelled: {reason} | {n:,} |"
-            for reason, n in manifest["labelled"]["dropped"].items()
+            for reason, n in manifest.labelled.dropped.items()
         ),
-        *(f"| corpus: {reason} | {n:,} |" for reason, n in manifest["corpus"]["dropped"].items()),
+        *(f"| corpus: {reason} | {n:,} |" for reason, n in manifest.corpus.dropped.items()),
         "",
-        f"Labels: {', '.join(manifest['labelled']['labels'])}. "
-        f"Sources: `{manifest['labelled']['spec']}`, `{manifest['corpus']['spec']}`.",
+        f"Labels: {', '.join(manifest.labelled.labels or [])}. "
+        f"Sources: `{manifest.labelled.spec}`, `{manifest.corpus.spec}`.",
         "",
         f"Validation report (Great Expectations Data Docs): [{docs_index}]({docs_index.as_uri()})",
         "",
@@ -184,45 +184,6 @@ def _manifest_markdown(manifest: dict[str, Any], docs_index: Path, stages: list[
             for s in stages
         ),
     ]
-    return "\n".join(lines)
-
-
-def metrics_markdown(metrics: dict[str, Any]) -> str:
-    """The test metrics beside the baseline, and the gates' verdict."""
-    model, baseline, gates = metrics["model"], metrics["baseline"], metrics["gates"]
-    beats = gates["beats_baseline"]
-    beats_word = (
-        "ok" if beats["passed"] else "relaxed by the profile" if beats["relaxed"] else "FAILED"
-    )
-    from tasks.evaluate import baseline_gate_text
-
-    alone = metrics.get("transformer_only")
-    lines = [
-        "| test metric | served model |"
-        + (" transformer alone |" if alone else "")
-        + " TF-IDF + LR baseline |",
-        "|---|---:|" + ("---:|" if alone else "") + "---:|",
-        *(
-            f"| {key} | {model[key]:.4f} |"
-            + (f" {alone[key]:.4f} |" if alone else "")
-            + f" {baseline[key]:.4f} |"
-            for key in ("accuracy", "macro_f1", "roc_auc", "ece")
-        ),
-        "",
-        f"Gates: **{'passed' if gates['passed'] else 'failed'}** — accuracy "
-        f"{gates['min_accuracy']['value']:.4f} (minimum {gates['min_accuracy']['threshold']}: "
-        f"{'ok' if gates['min_accuracy']['passed'] else 'FAILED'}); "
-        f"{baseline_gate_text(beats)} ({beats_word})",
-    ]
-    if metrics.get("behavioural"):
-        lines += [
-            "",
-            "Behavioural checks (pass rates): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in metrics["behavioural"].items()),
-        ]
-    if "ablation_no_pretraining" in metrics:
-        gain = metrics["ablation_no_pretraining"]["pretraining_gain"]
-        lines += ["", f"Pretraining is worth {gain:+.4f} accuracy (ablation from random weights)."]
     return "\n".join(lines)
 
 
@@ -305,14 +266,14 @@ def _train_locked(
         if not registry.is_git_repo(root):
             logger.warning("%s is not a git repository: the model is not registered", root)
             return {**result, "registered": None, "promotion": None}
-        metrics = result["metrics"]["model"]
+        metrics = Metrics.model_validate(result["metrics"]).model
         registered = register_model.with_options(
             **task_options(orchestration, orchestration.task_timeout_minutes)
         )(
             str(root),
             who,
             f"profile {profile or '-'}, overrides {overrides or []}; test accuracy "
-            f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+            f"{metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}",
         )
         promoted = None
         if promote:
@@ -330,31 +291,28 @@ def _train_locked(
 
 def _publish(root: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
     """The data and evaluation artifacts, and what the run summary needs."""
-    from tasks.validate import read_manifest
-
-    manifest = read_manifest(root / VALIDATED_DIR)
+    manifest = DataManifest.of(root / VALIDATED_DIR)
     docs_index = root / VALIDATION_DOCS_DIR / "index.html"
     create_markdown_artifact(
         key="data-manifest",
         markdown=_manifest_markdown(manifest, docs_index, stages),
         description="Row counts, drops and content hashes of the validated data",
     )
-    metrics = json.loads((root / METRICS).read_text(encoding="utf-8"))
+    metrics = Metrics.read(root / METRICS)
     plots = sorted((root / PLOTS_DIR).glob("*"))
     create_markdown_artifact(
         key="evaluation",
         markdown="# Evaluation\n\n"
-        + metrics_markdown(metrics)
+        + metrics.markdown()
         + f"\n\nModel card: {(root / MODEL_CARD).as_uri()}\n\nPlots (`dvc plots show`): "
         + ", ".join(f"[{plot.name}]({plot.as_uri()})" for plot in plots),
         description="Test metrics beside the baseline, and the gates' verdict",
     )
-    export_manifest = json.loads((root / ONNX_DIR / "manifest.json").read_text(encoding="utf-8"))
     return {
-        "export": export_manifest,
+        "export": ExportManifest.of(root / ONNX_DIR).dump(),
         "stages": stages,
-        "manifest": manifest,
+        "manifest": manifest.dump(),
         "data_docs": str(docs_index),
-        "metrics": metrics,
+        "metrics": metrics.dump(),
         "model_card": str(root / MODEL_CARD),
     }

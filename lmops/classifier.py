@@ -21,6 +21,7 @@ import torch
 
 from lmops.errors import LmopsError
 from lmops.ngrams import ngram_embedding, ngram_module
+from lmops.trainloop import flops_per_token
 
 CLASSIFIER_FILE = "classifier.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -103,6 +104,15 @@ class TextClassifier(torch.nn.Module):
         ngram = self.ngram(input_ids, attention_mask)
         mixed = w * torch.log_softmax(logits.float(), -1) + (1 - w) * torch.log_softmax(ngram, -1)
         return mixed, pooled
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of a text of `seq_len` tokens (lmops/trainloop.py); the
+        head runs once a text. The n-gram channel is fitted outside training: not counted."""
+        config = self.encoder.config
+        hidden = config.hidden_size
+        ngram_dim = self.spec.input_ngrams.dim if self.spec.input_ngrams else 0
+        head = hidden * len(self.spec.labels)
+        return flops_per_token(config, seq_len, head, 1 / seq_len, ngram_dim * hidden)
 
     def with_ngram(self, module: Any, spec: NgramSpec, transformer_weight: float) -> None:
         self.ngram = module

@@ -84,29 +84,31 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    manifest = result["manifest"]
-    rows = manifest["rows"]
+    from lmops.artifacts import DataManifest, ExportManifest, Metrics
+
+    manifest = DataManifest.model_validate(result["manifest"])
+    rows = manifest.rows
     typer.echo("\nlmops run finished")
     for stage in result["stages"]:
         typer.echo(f"  {stage['stage']:<10} {'ran' if stage['ran'] else 'up to date, skipped'}")
-    labelled, corpus = manifest["labelled"], manifest["corpus"]
+    labelled, corpus = manifest.labelled, manifest.corpus
     unique = rows["train"] + rows["val"] + rows["test"]
     typer.echo(
-        f"  labelled   {labelled['spec']}: {labelled['rows_read']:,} rows read, {unique:,} unique "
+        f"  labelled   {labelled.spec}: {labelled.rows_read:,} rows read, {unique:,} unique "
         f"kept (train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}); dropped "
-        + ", ".join(f"{n:,} {reason}" for reason, n in labelled["dropped"].items())
+        + ", ".join(f"{n:,} {reason}" for reason, n in labelled.dropped.items())
     )
     typer.echo(
-        f"  corpus     {corpus['spec']}: {corpus['rows_read']:,} docs read, {rows['corpus']:,} "
-        "kept; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in corpus["dropped"].items())
+        f"  corpus     {corpus.spec}: {corpus.rows_read:,} docs read, {rows['corpus']:,} "
+        "kept; dropped " + ", ".join(f"{n:,} {reason}" for reason, n in corpus.dropped.items())
     )
     typer.echo("  data       data/validated/ (manifest.json has counts and hashes)")
     typer.echo(f"  validation {result['data_docs']}")
     typer.echo("  model      models/finetuned/ (pretrained LM: models/pretrained/)")
     typer.echo(f"  card       {result['model_card']}")
-    exported = result["export"]
-    refused = "".join(f"; {name} not published: {why}" for name, why in exported["refused"].items())
-    typer.echo(f"  onnx       models/onnx/ ({', '.join(exported['variants'])}{refused})")
+    exported = ExportManifest.model_validate(result["export"])
+    refused = "".join(f"; {name} not published: {why}" for name, why in exported.refused.items())
+    typer.echo(f"  onnx       models/onnx/ ({', '.join(exported.variants)}{refused})")
     typer.echo("  metrics    reports/metrics.json (dvc metrics show; dvc plots show)")
     registered, promoted = result["registered"], result["promotion"]
     if registered is None:
@@ -133,9 +135,7 @@ def _print_summary(result: dict[str, Any]) -> None:
                 "run's export); lmops serve --stage prod serves prod, if there is one"
             )
     typer.echo("")
-    from flows.training import metrics_markdown
-
-    typer.echo(metrics_markdown(result["metrics"]))
+    typer.echo(Metrics.model_validate(result["metrics"]).markdown())
 
 
 @app.command()

@@ -2,9 +2,13 @@
 
 params.yaml is the single source of every knob (DVC's convention). The models below
 carry no defaults on purpose: a knob missing from params.yaml is an error, so the file
-always tells the whole truth about a run. Profiles in `profiles/NAME.yaml` and
-`--set key=value` overrides are written into params.yaml before a run, the way
-`dvc exp run --set-param` does, so `dvc.lock` records what was really used.
+always tells the whole truth about a run. Runs rewrite params.yaml, so the defaults live
+apart, in `profiles/default.yaml` (params.yaml as the repository ships it; a test keeps the
+two equal), and a profile `profiles/NAME.yaml` holds only the knobs it changes from them.
+With `--profile NAME` every knob is written into params.yaml before the run (its default,
+the profile's value, or a `--set key=value`), the way `dvc exp run --set-param` does, so
+`dvc.lock` records what was really used and no value of an earlier profile survives.
+Without a profile only the --set keys are written, over params.yaml as it stands.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from lmops.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
+# The profile that holds every param at its default value.
+DEFAULT_PROFILE = "default"
 
 
 class _Strict(BaseModel):
@@ -162,6 +168,14 @@ class PairedRuleConfig(_Strict):
     margin: float = Field(ge=0, le=1)
 
 
+class BehaviouralGatesConfig(_Strict):
+    """Minimum pass rate of each behavioural check (tasks/evaluate.py), sentiment labels."""
+
+    invariance_punctuation: float = Field(ge=0, le=1)
+    directional_negative_suffix: float = Field(ge=0, le=1)
+    minimum_functionality: float = Field(ge=0, le=1)
+
+
 class GatesConfig(_Strict):
     min_accuracy: float = Field(ge=0, le=1)
     min_margin_over_baseline: float = Field(ge=-1, le=1)
@@ -169,6 +183,7 @@ class GatesConfig(_Strict):
     confidence: float = Field(gt=0.5, lt=1)
     bootstrap_samples: int = Field(ge=100)
     relax_baseline: bool
+    behavioural: BehaviouralGatesConfig
 
 
 class BaselineConfig(_Strict):
@@ -384,19 +399,47 @@ def parse_set(expr: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def profile_overrides(root: Path, name: str) -> dict[str, Any]:
+def _read_profile(root: Path, name: str) -> dict[str, Any]:
     path = root / PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r} (known: {', '.join(known) or 'none'})")
-    overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(overrides, dict):
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
         raise ConfigError(f"profile {name!r} must hold a mapping of params")
-    return _flatten(overrides)
+    return tree
+
+
+def profile_overrides(root: Path, name: str) -> dict[str, Any]:
+    """Every param as profile `name` sets it, as dotted keys: the defaults with the
+    profile's changes on top.
+
+    Every param, not only the profile's: written into params.yaml, they leave no value of
+    an earlier profile behind.
+    """
+    changes = _flatten(_read_profile(root, name))
+    defaults = _read_profile(root, DEFAULT_PROFILE)
+    flat_defaults = _flatten(defaults)
+    unknown = [key for key in changes if key not in flat_defaults]
+    if unknown:
+        raise ConfigError(
+            f"profile {name!r}: unknown key {', '.join(unknown)} (not a param of "
+            f"{PROFILES_DIR}/{DEFAULT_PROFILE}.yaml)"
+        )
+    try:
+        parse_params(override(defaults, changes))
+    except ConfigError as err:
+        raise ConfigError(f"profile {name!r} over {DEFAULT_PROFILE}.yaml: {err}") from None
+    return {**flat_defaults, **changes}
 
 
 def resolve_overrides(root: Path, profile: str | None, sets: list[str]) -> dict[str, Any]:
-    """The profile's overrides, then each --set on top, as dotted keys."""
+    """A run's overrides, as dotted keys: with a profile, every param (the defaults, the
+    profile, then each --set); without one, only the --set keys, so params.yaml as it
+    stands, hand edits included, holds the rest."""
     overrides = profile_overrides(root, profile) if profile else {}
     overrides.update(parse_set(expr) for expr in sets)
     return overrides
@@ -405,8 +448,8 @@ def resolve_overrides(root: Path, profile: str | None, sets: list[str]) -> dict[
 def apply_overrides(root: Path, overrides: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
     """Write overrides into params.yaml (comments kept, atomic) and return the new params.
 
-    Returns the params and the keys whose value changed, old and new. Nothing is written
-    when the result would be invalid.
+    Returns the params and the keys whose value changed, old and new; only those are
+    written. Nothing is written when the result would be invalid.
     """
     raw = read_raw(root)
     flat_before = _flatten(raw)
@@ -417,7 +460,7 @@ def apply_overrides(root: Path, overrides: dict[str, Any]) -> tuple[Params, dict
         if flat_before.get(key) != value
     }
     if changed:
-        _write_round_trip(root / PARAMS_FILE, overrides)
+        _write_round_trip(root / PARAMS_FILE, {key: c["to"] for key, c in changed.items()})
     return params, changed
 
 
@@ -434,6 +477,7 @@ def _yaml11_float(representer: Any, value: float) -> Any:
 
 def _write_round_trip(path: Path, overrides: dict[str, Any]) -> None:
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
 
     round_trip = YAML()
     round_trip.preserve_quotes = True
@@ -447,6 +491,9 @@ def _write_round_trip(path: Path, overrides: dict[str, Any]) -> None:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
+        if isinstance(value, list):  # inline, as params.yaml writes every list
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
         node[leaf] = value
     buffer = io.StringIO()
     round_trip.dump(document, buffer)

@@ -7,7 +7,6 @@ libraries are missing, so the provider really in use is read back from the sessi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lmops.artifacts import CorruptArtifact, ExportManifest
 from lmops.errors import LmopsError
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,16 @@ class Engine:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        manifest_path = model_dir / "manifest.json"
-        if not manifest_path.is_file():
+        if not (model_dir / ExportManifest.FILE).is_file():
             raise LmopsError(f"no exported model in {model_dir} (run the export stage first)")
         try:
-            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CorruptModel(f"{manifest_path} is not readable JSON ({err})") from None
-        self.labels: list[str] = self.manifest["labels"]
+            self.manifest = ExportManifest.of(model_dir)
+        except CorruptArtifact as err:
+            raise CorruptModel(str(err)) from None
+        self.labels: list[str] = self.manifest.labels
         # Calibration (lmops/calibration.py): scores are softmax(logits / temperature).
-        self.temperature = float(self.manifest.get("temperature", 1.0))
-        self.max_length: int = self.manifest["max_length"]
+        self.temperature = self.manifest.temperature
+        self.max_length: int = self.manifest.max_length
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
@@ -89,7 +88,7 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cuda_listed = CUDA in ort.get_available_providers()
         forced = variant
-        variant = forced or self.manifest["recommended"][CUDA if cuda_listed else CPU]
+        variant = forced or self.manifest.recommended[CUDA if cuda_listed else CPU]
         self.session = self._session(
             model_dir, variant, options, [CUDA, CPU] if cuda_listed else [CPU]
         )
@@ -100,13 +99,13 @@ class Engine:
                 "missing?); ONNX Runtime runs on %s",
                 self.providers,
             )
-            cpu_variant = forced or self.manifest["recommended"][CPU]
+            cpu_variant = forced or self.manifest.recommended[CPU]
             if cpu_variant != variant:
                 variant = cpu_variant
                 self.session = self._session(model_dir, variant, options, [CPU])
                 self.providers = self.session.get_providers()
         self.variant = variant
-        self.version = version or self.manifest["variants"][variant]["sha256"][:12]
+        self.version = version or self.manifest.version_id(variant)
         log.info("engine: %s variant of %s on %s", variant, model_dir, self.providers)
         if require_gpu and CUDA not in self.providers:
             raise LmopsError(
@@ -119,10 +118,10 @@ class Engine:
         export checked for parity (a truncated copy can still parse as a model)."""
         import onnxruntime as ort
 
-        entry = self.manifest["variants"][variant]
-        path = model_dir / entry["file"]
+        entry = self.manifest.variants[variant]
+        path = model_dir / entry.file
         model = path.read_bytes()
-        if hashlib.sha256(model).hexdigest() != entry["sha256"]:
+        if hashlib.sha256(model).hexdigest() != entry.sha256:
             raise CorruptModel(
                 f"{path} does not match the sha256 in its manifest.json (corrupt or partly "
                 "copied): refusing to serve it"

@@ -9,7 +9,6 @@ reads the whole story from git alone. GTO enforces no stage order; `assign` does
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lmops.artifacts import Metrics, PromotionRecord, key_figures
 from lmops.errors import LmopsError
 from lmops.stages import METRICS
 
@@ -70,18 +70,6 @@ def user_actor() -> str:
     return f"user:{getpass.getuser()}"
 
 
-def _record(by: str, why: str, metrics: dict[str, Any] | None = None) -> str:
-    return json.dumps({"by": by, "why": why, "metrics": metrics or {}}, ensure_ascii=False)
-
-
-def _parse_record(message: str) -> dict[str, Any]:
-    try:
-        record = json.loads(message)
-    except json.JSONDecodeError:  # a tag made by hand with `gto`
-        return {"by": "", "why": message.strip(), "metrics": {}}
-    return record if isinstance(record, dict) else {"by": "", "why": message, "metrics": {}}
-
-
 def _require_git(root: Path) -> None:
     if not is_git_repo(root):
         raise LmopsError(f"{root} is not a git repository: the registry keeps versions as git tags")
@@ -116,19 +104,10 @@ def read_at(root: Path, commit: str, path: Path | str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def metrics_at(root: Path, commit: str) -> dict[str, Any]:
+def metrics_at(root: Path, commit: str) -> Metrics | None:
+    """reports/metrics.json as of `commit`, or None where that commit has none."""
     text = read_at(root, commit, METRICS)
-    return json.loads(text) if text else {}
-
-
-def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures a registry record keeps from reports/metrics.json."""
-    return {
-        "accuracy": metrics.get("model", {}).get("accuracy"),
-        "macro_f1": metrics.get("model", {}).get("macro_f1"),
-        "baseline_accuracy": metrics.get("baseline", {}).get("accuracy"),
-        "gates_passed": metrics.get("gates", {}).get("passed"),
-    }
+    return Metrics.parse(text, f"{METRICS} at {commit[:12]}") if text else None
 
 
 def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
@@ -158,7 +137,9 @@ def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
             str(root),
             ARTIFACT,
             head,
-            message=_record(by, summary, key_metrics(metrics_at(root, head))),
+            message=PromotionRecord(
+                by=by, why=summary, metrics=key_figures(metrics_at(root, head))
+            ).message(),
             author=name,
             author_email=email,
         )
@@ -208,7 +189,7 @@ def history(root: Path) -> list[dict[str, Any]]:
             "stage": event["stage"],
             "commit": event["commit"],
             "tag": event["ref"],
-            **_parse_record(event["message"] or ""),
+            **PromotionRecord.from_message(event["message"] or "").dump(),
         }
         for event in events
         if event["event"] in ("registration", "assignment")
@@ -233,9 +214,9 @@ def versions(root: Path) -> list[dict[str, Any]]:
                 "version": entry["version"],
                 "commit": entry["commit_hexsha"],
                 "registered": registration["created_at"].isoformat(),
-                "by": _parse_record(registration["message"] or "").get("by", ""),
+                "by": PromotionRecord.from_message(registration["message"] or "").by,
                 "stages": [stage for stage in REGISTRY_STAGES if active[stage] == entry["version"]],
-                **key_metrics(metrics_at(root, entry["commit_hexsha"])),
+                **key_figures(metrics_at(root, entry["commit_hexsha"])),
             }
         )
     return sorted(rows, key=lambda row: _semver(row["version"]), reverse=True)
@@ -273,7 +254,7 @@ def assign(
             ARTIFACT,
             stage,
             version=version,
-            message=_record(by, why, metrics),
+            message=PromotionRecord(by=by, why=why, metrics=metrics or {}).message(),
             force=force,
             author=name,
             author_email=email,

@@ -8,6 +8,8 @@ stage code runs on a CPU, one GPU, or several under `accelerate launch` / `torch
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,13 @@ def optimizer_and_schedule(model: Any, cfg: OptimConfig, total_steps: int) -> tu
     return optimizer, schedule
 
 
+@dataclass(frozen=True)
+class LossOutput:
+    """What a training wrapper's forward returns: the one field `train_step` reads."""
+
+    loss: Any
+
+
 def train_step(
     model: Any, inputs: dict[str, Any], accelerator: Any, optimizer: Any, schedule: Any
 ) -> Any:
@@ -91,28 +100,80 @@ def live_logger(directory: Path, resume: bool) -> Any:
     return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
 
-def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus attention (nanoGPT/PaLM estimate)."""
-    return 6 * n_params + 12 * layers * hidden * seq_len
+def flops_per_token(
+    config: Any, seq_len: int, head_weights: float, head_share: float = 1.0, input_weights: int = 0
+) -> float:
+    """Training FLOPs per token of a BERT or GPT-2 `config`, counting matmuls only.
+
+    Forward, each weight a token meets in a matmul costs 2 FLOPs (multiply and add), and
+    attention's scores and weighted values 2 x 2 x seq_len x hidden per layer; backward is
+    twice forward. Embedding tables are lookups and cost nothing. The output head has
+    `head_weights` and runs on `head_share` of the tokens (the masked ones of masked-LM, one
+    a sequence for a classifier); `input_weights` are those of matmuls before the first
+    layer (the n-gram embeddings' projection).
+    """
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    # BERT's intermediate_size; GPT-2's n_inner, where None means 4 x hidden.
+    intermediate = (
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    )
+    per_layer = 4 * hidden * hidden + 2 * hidden * intermediate  # Q, K, V, output; the MLP
+    weights = layers * per_layer + input_weights + head_weights * head_share
+    attention = layers * 2 * 2 * seq_len * hidden
+    return 3 * (2 * weights + attention)
 
 
-def peak_flops(accelerator: Any) -> float | None:
-    """Dense peak of the device for MFU, where known (bf16 tensor cores on NVIDIA GPUs)."""
+# Dense (no sparsity) peaks from NVIDIA's datasheets, FLOP/s per GPU, by the words of
+# torch's device name that tell the model apart (A10 is not A100, L4 not L40S; SXM parts
+# name neither PCIe nor NVL). fp16 runs at the bf16 rate on all of them.
+_DENSE_PEAKS: tuple[tuple[frozenset[str], dict[str, float]], ...] = tuple(
+    (frozenset(words.split()), {"bf16": bf16, "fp16": bf16, "tf32": tf32, "fp32": fp32})
+    for words, bf16, tf32, fp32 in (
+        ("H200 NVL", 835e12, 418e12, 60e12),
+        ("H200", 989e12, 495e12, 67e12),
+        ("H100 NVL", 835e12, 418e12, 60e12),
+        ("H100 PCIe", 756e12, 378e12, 51e12),
+        ("H100", 989e12, 495e12, 67e12),
+        ("A100", 312e12, 156e12, 19.5e12),
+        ("A10", 125e12, 62.5e12, 31.2e12),
+        ("L40S", 362e12, 183e12, 91.6e12),
+        ("L40", 181e12, 90.5e12, 90.5e12),
+        ("L4", 121e12, 60e12, 30.3e12),
+    )
+)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of one GPU for matmuls in `precision` (bf16, fp16, tf32, fp32),
+    where known; None for any other device."""
+    words = set(re.split(r"[\s-]+", device_name))
+    for markers, peaks in _DENSE_PEAKS:
+        if markers <= words:
+            return peaks.get(precision)
+    return None
+
+
+def matmul_precision(accelerator: Any) -> str:
+    """What the training matmuls run in: bf16 or fp16 under autocast, else fp32 — which
+    cuBLAS runs as TF32 where torch allows it (its default is not to, and nothing here
+    changes that)."""
+    import torch
+
+    if accelerator.mixed_precision in ("bf16", "fp16"):
+        return accelerator.mixed_precision
+    if accelerator.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def device_peak_flops(accelerator: Any) -> float | None:
+    """Dense peak of this process's device at the precision training uses, for MFU; None
+    on a CPU or an unknown GPU."""
     import torch
 
     if accelerator.device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(accelerator.device)
-    for marker, peak in (
-        ("H200", 989e12),
-        ("H100", 989e12),
-        ("A100", 312e12),
-        ("L4", 121e12),
-        ("A10", 125e12),
-    ):
-        if marker in name:
-            return peak
-    return None
+    return peak_flops(torch.cuda.get_device_name(accelerator.device), matmul_precision(accelerator))
 
 
 def perplexity(loss: float) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -25,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lmops.artifacts import TrafficRecord, traffic_file_name
+
 log = logging.getLogger(__name__)
 
 # Records waiting for the writer; beyond this they are dropped (and counted), never waited on.
@@ -32,9 +33,6 @@ MAX_PENDING = 10_000
 # At most one log line per this many seconds while writes keep failing.
 ERROR_LOG_INTERVAL_S = 60.0
 _STOP = None
-# Characters that JSON leaves raw but `str.splitlines()` (and some log tools) break lines
-# at: escaped, so that one record is always one line for every reader. (Found by fuzzing.)
-LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
 class TrafficLog:
@@ -72,22 +70,22 @@ class TrafficLog:
         latency_ms: float,
     ) -> None:
         """Queue one request's records; never blocks and never raises."""
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        lines = []
-        for text, prediction in zip(texts, predictions, strict=True):
-            record: dict[str, Any] = {
-                "timestamp": now,
-                "request_id": request_id,
-                "label": prediction.label,
-                "score": round(prediction.score, 6),
-                "latency_ms": round(latency_ms, 3),
-                "model_version": prediction.model_version,
-            }
-            if self.store_text:
-                record["text"] = text
-            else:
-                record["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            lines.append(json.dumps(record, ensure_ascii=False).translate(LINE_BREAKS))
+        now = datetime.now(UTC)
+        lines = [
+            TrafficRecord(
+                timestamp=now,
+                request_id=request_id,
+                label=prediction.label,
+                score=round(prediction.score, 6),
+                latency_ms=round(latency_ms, 3),
+                model_version=prediction.model_version,
+                text=text if self.store_text else None,
+                text_sha256=None
+                if self.store_text
+                else hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            ).line()
+            for text, prediction in zip(texts, predictions, strict=True)
+        ]
         try:
             self._pending.put_nowait(("\n".join(lines) + "\n").encode("utf-8"))
         except queue.Full:
@@ -148,7 +146,7 @@ class TrafficLog:
     def _file(self, now: datetime) -> int:
         """The open file for this hour: reopened when the hour turns, when it grows past
         rotate_mb, and when it was unlinked (its folder deleted) under the server."""
-        hour = now.strftime("%Y%m%dT%H")
+        hour = traffic_file_name(now)
         if self._fd is not None:
             stat = os.fstat(self._fd)
             if self._hour != hour or stat.st_size >= self.rotate_bytes or stat.st_nlink == 0:
@@ -162,11 +160,10 @@ class TrafficLog:
         return self._fd
 
     def _path(self, now: datetime) -> Path:
-        stem = f"traffic-{now:%Y%m%dT%H}"
-        path, part = self.directory / f"{stem}.jsonl", 0
+        path, part = self.directory / traffic_file_name(now), 0
         while path.exists() and path.stat().st_size >= self.rotate_bytes:
             part += 1
-            path = self.directory / f"{stem}.{part}.jsonl"
+            path = self.directory / traffic_file_name(now, part)
         return path
 
     def _close_file(self) -> None:

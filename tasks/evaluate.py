@@ -15,6 +15,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmops.artifacts import (
+    AblationMetrics,
+    BaselineGate,
+    Calibration,
+    ClassificationMetrics,
+    DataManifest,
+    Gates,
+    Metrics,
+    PairedComparison,
+    SliceMetrics,
+    ThresholdGate,
+)
 from lmops.atomic import write_json
 from lmops.batching import predict_proba
 from lmops.calibration import apply_temperature, expected_calibration_error, reliability_rows
@@ -69,7 +81,7 @@ def length_slice(lengths: np.ndarray, buckets: list[int]) -> np.ndarray:
 
 def classification_metrics(
     targets: np.ndarray, probs: np.ndarray, cfg: EvaluateConfig, lengths: np.ndarray
-) -> dict[str, Any]:
+) -> ClassificationMetrics:
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
     predicted = probs.argmax(1)
@@ -81,19 +93,19 @@ def classification_metrics(
     slice_of = length_slice(lengths, cfg.length_buckets)
     for index, name in enumerate(_slice_names(sorted(cfg.length_buckets))):
         inside = slice_of == index
-        slices[name] = {
-            "n": int(inside.sum()),
-            "accuracy": round(float((predicted[inside] == targets[inside]).mean()), 5)
+        slices[name] = SliceMetrics(
+            n=int(inside.sum()),
+            accuracy=round(float((predicted[inside] == targets[inside]).mean()), 5)
             if inside.any()
             else None,
-        }
-    return {
-        "accuracy": round(float(accuracy_score(targets, predicted)), 5),
-        "macro_f1": round(float(f1_score(targets, predicted, average="macro")), 5),
-        "roc_auc": round(float(auc), 5),
-        "ece": round(expected_calibration_error(targets, probs, cfg.calibration_bins), 5),
-        "slices_by_chars": slices,
-    }
+        )
+    return ClassificationMetrics(
+        accuracy=round(float(accuracy_score(targets, predicted)), 5),
+        macro_f1=round(float(f1_score(targets, predicted, average="macro")), 5),
+        roc_auc=round(float(auc), 5),
+        ece=round(expected_calibration_error(targets, probs, cfg.calibration_bins), 5),
+        slices_by_chars=slices,
+    )
 
 
 def behavioural_checks(predict: Any, texts: list[str], labels: list[str]) -> dict[str, Any] | None:
@@ -123,61 +135,56 @@ def behavioural_checks(predict: Any, texts: list[str], labels: list[str]) -> dic
 
 def gates_verdict(
     cfg: EvaluateConfig,
-    model: dict[str, Any],
-    baseline: dict[str, Any],
+    model: ClassificationMetrics,
+    baseline: ClassificationMetrics,
+    behavioural: dict[str, float] | None,
     targets: np.ndarray,
     model_predicted: np.ndarray,
     baseline_predicted: np.ndarray,
-) -> dict:
-    """Minimum accuracy, and the baseline gate: the point estimate ahead by at least
-    `min_margin_over_baseline` and the paired comparison on the same texts passing its rule."""
+) -> Gates:
+    """Minimum accuracy; the baseline gate: the point estimate ahead by at least
+    `min_margin_over_baseline` and the paired comparison on the same texts passing its rule;
+    and each behavioural check's minimum pass rate."""
     from lmops.stats import compare
 
     gates = cfg.gates
-    margin = model["accuracy"] - baseline["accuracy"]
-    paired = compare(
-        targets,
-        model_predicted,
-        baseline_predicted,
-        "accuracy",
-        gates.baseline_test.rule,
-        gates.baseline_test.margin,
-        gates.confidence,
-        gates.bootstrap_samples,
+    margin = model.accuracy - baseline.accuracy
+    paired = PairedComparison(
+        **compare(
+            targets,
+            model_predicted,
+            baseline_predicted,
+            "accuracy",
+            gates.baseline_test.rule,
+            gates.baseline_test.margin,
+            gates.confidence,
+            gates.bootstrap_samples,
+        )
     )
-    accuracy_ok = model["accuracy"] >= gates.min_accuracy
-    baseline_ok = margin >= gates.min_margin_over_baseline and paired["passed"]
-    verdict = {
-        "min_accuracy": {
-            "threshold": gates.min_accuracy,
-            "value": model["accuracy"],
-            "passed": accuracy_ok,
-        },
-        "beats_baseline": {
-            "threshold": gates.min_margin_over_baseline,
-            "margin": round(margin, 5),
-            "paired": paired,
-            "passed": baseline_ok,
-            "relaxed": gates.relax_baseline,
-        },
-    }
-    verdict["passed"] = accuracy_ok and (baseline_ok or gates.relax_baseline)
-    return verdict
-
-
-def baseline_gate_text(beats: dict[str, Any]) -> str:
-    """One line for summaries and cards: the margin, its interval and what it means."""
-    p = beats["paired"]
-    rule = (
-        "superiority"
-        if p["rule"] == "superiority"
-        else f"non-inferiority within {p['margin'] * 100:.1f} points"
-    )
-    return (
-        f"margin over the baseline {beats['margin'] * 100:+.2f} points, "
-        f"{p['confidence']:.0%} CI [{p['ci_low'] * 100:+.2f}, {p['ci_high'] * 100:+.2f}], "
-        f"McNemar p = {p['p_value_mcnemar']:.3g}: {p['reading']}; rule: {rule} and a point "
-        f"estimate >= {beats['threshold'] * 100:+.1f} points"
+    accuracy_ok = model.accuracy >= gates.min_accuracy
+    baseline_ok = margin >= gates.min_margin_over_baseline and paired.passed
+    checks = None
+    if behavioural is not None:
+        minimums = gates.behavioural.model_dump()
+        checks = {
+            name: ThresholdGate(threshold=minimums[name], value=rate, passed=rate >= minimums[name])
+            for name, rate in behavioural.items()
+        }
+    return Gates(
+        min_accuracy=ThresholdGate(
+            threshold=gates.min_accuracy, value=model.accuracy, passed=accuracy_ok
+        ),
+        beats_baseline=BaselineGate(
+            threshold=gates.min_margin_over_baseline,
+            margin=round(margin, 5),
+            paired=paired,
+            passed=baseline_ok,
+            relaxed=gates.relax_baseline,
+        ),
+        behavioural=checks,
+        passed=accuracy_ok
+        and (baseline_ok or gates.relax_baseline)
+        and all(check.passed for check in (checks or {}).values()),
     )
 
 
@@ -198,23 +205,18 @@ def _roc_rows(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -> list
 
 
 def _model_card(
-    metrics: dict[str, Any],
-    manifest: dict[str, Any],
+    metrics: Metrics,
+    manifest: DataManifest,
     model_cfg: ModelConfig,
     labels: list[str],
     pretrained: bool,
 ) -> str:
-    m, b, gates = metrics["model"], metrics["baseline"], metrics["gates"]
-    calibration = metrics["calibration"]
-    alone = metrics.get("transformer_only")
-    header = "| metric | served model |" + (" transformer alone |" if alone else "")
-    rows = [
-        f"| {key} | {m[key]:.4f} |" + (f" {alone[key]:.4f} |" if alone else "") + f" {b[key]:.4f} |"
-        for key in ("accuracy", "macro_f1", "roc_auc", "ece")
-    ]
-    relaxed = gates["beats_baseline"]["relaxed"] and not gates["beats_baseline"]["passed"]
-    if alone:
-        w = metrics["transformer_weight"]
+    beats = metrics.gates.beats_baseline
+    calibration = metrics.calibration
+    assert calibration is not None
+    relaxed = beats.relaxed and not beats.passed
+    if metrics.transformer_only is not None:
+        w = metrics.transformer_weight or 0.0
         served = (
             f"The served model is one ONNX graph combining two models on the same tokens: the "
             f"transformer (weight {w:.1f}) and a TF-IDF + logistic regression over hashed "
@@ -244,19 +246,15 @@ def _model_card(
         served,
         "",
         "## Data",
-        f"- labelled: `{manifest['labelled']['spec']}`; labels {', '.join(labels)}; "
-        f"train {manifest['rows']['train']:,} / val {manifest['rows']['val']:,} / "
-        f"test {manifest['rows']['test']:,}",
-        f"- corpus: `{manifest['corpus']['spec']}`, {manifest['rows']['corpus']:,} documents",
+        f"- labelled: `{manifest.labelled.spec}`; labels {', '.join(labels)}; "
+        f"train {manifest.rows['train']:,} / val {manifest.rows['val']:,} / "
+        f"test {manifest.rows['test']:,}",
+        f"- corpus: `{manifest.corpus.spec}`, {manifest.rows['corpus']:,} documents",
         "",
         "## Test metrics",
-        header + " TF-IDF + LR baseline |",
-        "|---|---:|" + ("---:|" if alone else "") + "---:|",
-        *rows,
+        *metrics.table(),
         "",
-        f"Gates: {'PASSED' if gates['passed'] else 'FAILED'} — accuracy "
-        f"{m['accuracy']:.4f} vs minimum {gates['min_accuracy']['threshold']}; "
-        + baseline_gate_text(gates["beats_baseline"])
+        f"Gates: {metrics.gates.text()}"
         + (
             " — **the baseline gate was relaxed by this profile: the model does not beat the "
             "baseline**"
@@ -265,9 +263,9 @@ def _model_card(
         )
         + ".",
         "",
-        f"Calibration: the served scores are softmax(logits / {calibration['temperature']:.3f}), "
+        f"Calibration: the served scores are softmax(logits / {calibration.temperature:.3f}), "
         "the temperature fitted on the validation split; expected calibration error on test "
-        f"{calibration['test_ece_before']:.4f} before, {calibration['test_ece_after']:.4f} after "
+        f"{calibration.test_ece_before:.4f} before, {calibration.test_ece_after:.4f} after "
         "(the `ece` row above is after). Labels do not change.",
         "",
         "## Limits",
@@ -291,7 +289,6 @@ def run(
     model_card_path: Path,
 ) -> dict[str, Any]:
     from lmops.classifier import load
-    from tasks.validate import read_manifest
 
     started = time.perf_counter()
     train = pd.read_parquet(validated_dir / "train.parquet")
@@ -313,37 +310,31 @@ def run(
     model_metrics = classification_metrics(targets, probs, cfg, lengths)
     baseline_probs = baseline_proba(cfg, train, texts, labels)
     baseline_metrics = classification_metrics(targets, baseline_probs, cfg, lengths)
-    metrics: dict[str, Any] = {
-        "test_rows": len(test),
-        "labels": labels,
-        "model": model_metrics,
-        "baseline": baseline_metrics,
-        "behavioural": behavioural_checks(predict, texts, labels),
-        "gates": gates_verdict(
-            cfg,
-            model_metrics,
-            baseline_metrics,
-            targets,
-            probs.argmax(1),
-            baseline_probs.argmax(1),
-        ),
-    }
+    behavioural = behavioural_checks(predict, texts, labels)
+    gates = gates_verdict(
+        cfg,
+        model_metrics,
+        baseline_metrics,
+        behavioural,
+        targets,
+        probs.argmax(1),
+        baseline_probs.argmax(1),
+    )
     bins = cfg.calibration_bins
-    metrics["calibration"] = {
-        "temperature": model.spec.temperature,
-        "test_ece_before": round(expected_calibration_error(targets, raw_probs, bins), 5),
-        "test_ece_after": round(expected_calibration_error(targets, probs, bins), 5),
-        "bins": bins,
-    }
+    calibration = Calibration(
+        temperature=model.spec.temperature,
+        test_ece_before=round(expected_calibration_error(targets, raw_probs, bins), 5),
+        test_ece_after=round(expected_calibration_error(targets, probs, bins), 5),
+        bins=bins,
+    )
+    transformer_only = None
     if model.ngram is not None:
         # The served model combines two; each part alone, for the card's side-by-side.
         transformer_probs = predict_proba(
             model, tokenizer, texts, model_cfg.max_length, transformer_only=True
         )
-        metrics["transformer_only"] = classification_metrics(
-            targets, transformer_probs, cfg, lengths
-        )
-        metrics["transformer_weight"] = model.spec.transformer_weight
+        transformer_only = classification_metrics(targets, transformer_probs, cfg, lengths)
+    ablation = None
     if cfg.ablation:
         from tasks.finetune import train_classifier
 
@@ -357,12 +348,24 @@ def run(
             cfg,
             lengths,
         )
-        pretrained = metrics.get("transformer_only", model_metrics)
-        metrics["ablation_no_pretraining"] = {
-            **scratch,
-            "pretraining_gain": round(pretrained["accuracy"] - scratch["accuracy"], 5),
-        }
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
+        pretrained = transformer_only or model_metrics
+        ablation = AblationMetrics(
+            **scratch.model_dump(),
+            pretraining_gain=round(pretrained.accuracy - scratch.accuracy, 5),
+        )
+    metrics = Metrics(
+        test_rows=len(test),
+        labels=labels,
+        model=model_metrics,
+        baseline=baseline_metrics,
+        behavioural=behavioural,
+        gates=gates,
+        calibration=calibration,
+        transformer_only=transformer_only,
+        transformer_weight=model.spec.transformer_weight if transformer_only else None,
+        ablation_no_pretraining=ablation,
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
     predicted = probs.argmax(1)
     write_json(
@@ -380,15 +383,19 @@ def run(
         )
     model_card_path.write_text(
         _model_card(
-            metrics, read_manifest(validated_dir), model_cfg, labels, finetune_cfg.from_pretrained
+            metrics,
+            DataManifest.of(validated_dir),
+            model_cfg,
+            labels,
+            finetune_cfg.from_pretrained,
         ),
         encoding="utf-8",
     )
-    write_json(metrics_path, metrics)
+    metrics.write(metrics_path)
     log.info(
         "evaluate: model accuracy %.4f, baseline %.4f, gates %s",
-        model_metrics["accuracy"],
-        baseline_metrics["accuracy"],
-        "passed" if metrics["gates"]["passed"] else "failed",
+        model_metrics.accuracy,
+        baseline_metrics.accuracy,
+        "passed" if gates.passed else "failed",
     )
-    return metrics
+    return metrics.dump()

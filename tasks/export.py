@@ -10,7 +10,6 @@ is never published. A Triton model repository is written beside them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmops.atomic import atomic_dir, write_json
+from lmops.artifacts import ExportManifest, TensorSpec, Variant, sha256_of
+from lmops.atomic import atomic_dir
 from lmops.batching import collate, encode, length_bucketed
 from lmops.config import ExportConfig, ModelConfig
 from lmops.errors import LmopsError
@@ -110,10 +110,6 @@ def _ort_logits(ort_session: Any) -> Any:
         return ort_session.run(["logits"], inputs)[0].astype(np.float32)
 
     return predict
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 TEXT_MODEL, TOKENIZER_MODEL = "lmops_text", "lmops_tokenizer"
@@ -272,37 +268,36 @@ def run(
                     fp16_path.unlink()
 
         tokenizer.save_pretrained(str(scratch / "tokenizer"))
-        manifest = {
-            "opset": cfg.opset,
-            "architecture": model_cfg.architecture,
-            "max_length": model_cfg.max_length,
-            "labels": labels,
-            "inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUTS},
-            "outputs": {
-                "logits": {"dtype": "float32", "shape": ["batch", len(labels)]},
-                "embedding": {"dtype": "float32", "shape": ["batch", model_cfg.hidden_size]},
+        manifest = ExportManifest(
+            opset=cfg.opset,
+            architecture=model_cfg.architecture,
+            max_length=model_cfg.max_length,
+            labels=labels,
+            inputs={n: TensorSpec(dtype="int64", shape=["batch", "sequence"]) for n in INPUTS},
+            outputs={
+                "logits": TensorSpec(dtype="float32", shape=["batch", len(labels)]),
+                "embedding": TensorSpec(dtype="float32", shape=["batch", model_cfg.hidden_size]),
             },
-            "tokenizer": "tokenizer/",
-            "test_rows": len(test),
-            "torch_accuracy": float((reference.argmax(1) == targets).mean()),
-            "variants": {
-                name: {
-                    "file": VARIANT_FILES[name],
-                    "sha256": _sha256(scratch / VARIANT_FILES[name]),
-                    "parity": figures,
-                }
+            tokenizer="tokenizer/",
+            test_rows=len(test),
+            torch_accuracy=float((reference.argmax(1) == targets).mean()),
+            variants={
+                name: Variant(
+                    file=VARIANT_FILES[name],
+                    sha256=sha256_of(scratch / VARIANT_FILES[name]),
+                    parity=figures,
+                )
                 for name, figures in published.items()
             },
-            "refused": refused,
-            "recommended": {
+            refused=refused,
+            recommended={
                 "CUDAExecutionProvider": "fp16" if "fp16" in published else "fp32",
                 "CPUExecutionProvider": cfg.cpu_variant if cfg.cpu_variant in published else "fp32",
             },
-        }
-        # The server divides the logits by it (lmops/calibration.py); parity is on logits.
-        manifest["temperature"] = model.spec.temperature
-        write_json(scratch / "manifest.json", manifest)
-        fp32_sha = manifest["variants"]["fp32"]["sha256"]
+            # The server divides the logits by it (lmops/calibration.py); parity is on logits.
+            temperature=model.spec.temperature,
+        )
+        manifest.write(scratch / ExportManifest.FILE)
 
     with atomic_dir(triton_dir) as scratch:
         model_dir = scratch / "lmops"
@@ -327,7 +322,7 @@ def run(
         "export: wrote %s (%s; fp32 sha256 %s) and the Triton repository %s",
         out_dir,
         ", ".join(published),
-        fp32_sha[:12],
+        manifest.version_id("fp32"),
         triton_dir,
     )
-    return manifest
+    return manifest.dump()

@@ -20,7 +20,9 @@ from lmops.config import FinetuneConfig, ModelConfig, NgramChannelConfig
 from lmops.errors import DataError
 from lmops.modeling import build_config, load_tokenizer
 from lmops.trainloop import (
+    LossOutput,
     accelerator_for,
+    device_peak_flops,
     live_logger,
     optimizer_and_schedule,
     seed_everything,
@@ -56,7 +58,7 @@ def _with_loss(model: Any, label_smoothing: float) -> Any:
             loss = torch.nn.functional.cross_entropy(
                 logits.float(), labels, label_smoothing=label_smoothing
             )
-            return type("Output", (), {"loss": loss})
+            return LossOutput(loss)
 
     return WithLoss()
 
@@ -95,6 +97,8 @@ def train_classifier(
     classifier = _classifier(model_cfg, tokenizer, labels, pretrained_dir)
     model = _with_loss(classifier, cfg.label_smoothing)
     lengths = [len(s) for s in train_ids]
+    # Model FLOPs of each training text, padding left out: what MFU counts as work done.
+    text_flops = [n * classifier.flops_per_token(n) for n in lengths]
     steps_per_epoch = len(length_bucketed(lengths, cfg.batch_size, seed=0))
     steps_per_epoch //= accelerator.num_processes
     optimizer, schedule = optimizer_and_schedule(model, cfg, cfg.epochs * steps_per_epoch)
@@ -104,12 +108,16 @@ def train_classifier(
     import torch
     from tqdm.auto import tqdm
 
+    peak = device_peak_flops(accelerator)
     best: dict[str, Any] = {"val_loss": float("inf")}
     history, stale_epochs, started, seen = [], 0, time.perf_counter(), 0
+    # This process's FLOPs and seconds in training steps (validation is not training).
+    train_flops, train_seconds = 0.0, 0.0
     for epoch in range(cfg.epochs):
         model.train()
         batches = length_bucketed(lengths, cfg.batch_size, seed=cfg.seed + epoch)
         mine = batches[accelerator.process_index :: accelerator.num_processes][:steps_per_epoch]
+        epoch_started = time.perf_counter()
         for batch in tqdm(
             mine,
             desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
@@ -119,10 +127,15 @@ def train_classifier(
             inputs["labels"] = torch.tensor(train_targets[batch], dtype=torch.long)
             loss = train_step(model, inputs, accelerator, optimizer, schedule)
             seen += len(batch)
+            train_flops += sum(text_flops[i] for i in batch)
             if live is not None:
                 live.log_metric("train/loss", loss.item())
                 live.log_metric("train/learning_rate", schedule.get_last_lr()[0])
+                if peak:
+                    elapsed = train_seconds + time.perf_counter() - epoch_started
+                    live.log_metric("train/mfu", train_flops / elapsed / peak)
                 live.next_step()
+        train_seconds += time.perf_counter() - epoch_started
         unwrapped = accelerator.unwrap_model(model).classifier
         val_loss, val_accuracy = _val_loss_and_accuracy(
             unwrapped, tokenizer, val["text"].tolist(), val_targets, model_cfg.max_length
@@ -173,6 +186,8 @@ def train_classifier(
         "precision": accelerator.mixed_precision,
         "_main": accelerator.is_main_process,
     }
+    if peak and train_seconds > 0:
+        summary["mfu"] = round(train_flops / train_seconds / peak, 4)
     return model, summary
 
 

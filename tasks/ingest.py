@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from lmops.artifacts import DataManifest
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import DataConfig
 from lmops.errors import DataError
@@ -204,28 +205,28 @@ def run(cfg: DataConfig, root: Path, out_dir: Path, metrics_path: Path) -> dict[
     eval_texts = set(splits["val"]["text"]) | set(splits["test"]["text"])
     corpus, corpus_summary = corpus_dataset(cfg, root, eval_texts)
     tables = {**splits, "corpus": corpus}
-    manifest = {
-        "normalization": cfg.normalization,
-        "split": cfg.split.model_dump(),
-        "labelled": labelled,
-        "corpus": corpus_summary,
-        "rows": {name: len(table) for name, table in tables.items()},
-        "class_counts": {
+    manifest = DataManifest(
+        normalization=cfg.normalization,
+        split=cfg.split.model_dump(),
+        labelled=labelled,
+        corpus=corpus_summary,
+        rows={name: len(table) for name, table in tables.items()},
+        class_counts={
             name: {
                 str(k): int(v) for k, v in splits[name]["label"].value_counts().sort_index().items()
             }
             for name in SPLITS
         },
-        "content_sha256": {name: content_sha256(table) for name, table in tables.items()},
-    }
+        content_sha256={name: content_sha256(table) for name, table in tables.items()},
+    )
     with atomic_dir(out_dir) as scratch:
         for name, table in tables.items():
             table.to_parquet(scratch / f"{name}.parquet", index=False)
-        write_json(scratch / "manifest.json", manifest)
+        manifest.write(scratch / DataManifest.FILE)
     write_json(
         metrics_path,
         {
-            "rows": manifest["rows"],
+            "rows": manifest.rows,
             "dropped": {"labelled": labelled["dropped"], "corpus": corpus_summary["dropped"]},
         },
     )
@@ -236,6 +237,6 @@ def run(cfg: DataConfig, root: Path, out_dir: Path, metrics_path: Path) -> dict[
         cfg.corpus,
         corpus_summary["rows_read"],
         out_dir,
-        manifest["rows"],
+        manifest.rows,
     )
-    return manifest
+    return manifest.dump()

@@ -20,7 +20,6 @@ adds the snapshot to the local Evidently workspace, whose dashboard shows drift 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -32,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from lmops.atomic import atomic_dir, write_json
+from lmops.artifacts import DriftSummary, ExportManifest, TrafficRecord, traffic_file_hour
+from lmops.atomic import atomic_dir
 from lmops.config import MonitorConfig, MonitorWindowConfig, Params
-from lmops.errors import DataError, LmopsError
+from lmops.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ PROJECT = "lmops drift"
 # alone made 2 of 17 in-domain windows look drifted (embedding classifier AUC 0.61 and 0.66;
 # fp32: at most 0.52); on the cpu-demo model both variants agree (at most 0.55).
 VARIANT = "fp32"
-LATEST = "latest.json"
-TRAFFIC_FILE = re.compile(r"traffic-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl")
 # A CJK ideograph is a word of its own (as word processors count Chinese); any other run
 # of letters or digits is one word. Evidently's WordCount keeps only [a-zA-Z ]: 0 on Chinese.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -74,13 +72,11 @@ def reference_model(root: Path, params: Params) -> tuple[str, Path, Path]:
             registry.materialize(root, prod),
             registry.materialize_data(root, prod, VALIDATED_DIR),
         )
+    from lmops.engine import CPU
+
     model_dir = root / params.serve.model_dir
-    manifest_path = model_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise LmopsError(f"no exported model in {model_dir} (run the export stage first)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    variant = manifest["recommended"]["CPUExecutionProvider"]
-    return manifest["variants"][variant]["sha256"][:12], model_dir, root / VALIDATED_DIR
+    manifest = ExportManifest.of(model_dir)
+    return manifest.version_id(manifest.recommended[CPU]), model_dir, root / VALIDATED_DIR
 
 
 @dataclass
@@ -109,32 +105,12 @@ def _traffic_files(path: Path, start: datetime | None) -> list[Path]:
         )
     named = []
     for candidate in path.iterdir():
-        match = TRAFFIC_FILE.fullmatch(candidate.name)
-        if match:
-            hour = datetime.strptime(match.group(1), "%Y%m%dT%H").replace(tzinfo=UTC)
+        named_hour = traffic_file_hour(candidate.name)
+        if named_hour is not None:
+            hour, part = named_hour
             if start is None or hour + timedelta(hours=1) > start:
-                named.append((hour, int(match.group(2) or 0), candidate))
+                named.append((hour, part, candidate))
     return [p for *_, p in sorted(named, reverse=True)]
-
-
-def _record(line: str) -> tuple[datetime, str | None, str] | None:
-    """(timestamp, text or None when only its hash was stored, model version), or None
-    when the line is not a traffic record (a write cut short, a hand edit)."""
-    try:
-        record = json.loads(line)
-        stamp = datetime.fromisoformat(record["timestamp"])
-        text, digest = record.get("text"), record.get("text_sha256")
-        valid = (
-            isinstance(record["label"], str)
-            and isinstance(record["score"], int | float)
-            and isinstance(record["model_version"], str)
-            and (isinstance(text, str) or isinstance(digest, str))
-        )
-    except (ValueError, TypeError, KeyError):
-        return None
-    if not valid:
-        return None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC), text, record["model_version"]
 
 
 def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> TrafficWindow:
@@ -153,15 +129,15 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
                 if not line.strip():
                     continue
                 result.lines += 1
-                parsed = _record(line)
-                if parsed is None:
+                record = TrafficRecord.from_line(line)
+                if record is None:
                     result.corrupt += 1
-                elif start is not None and parsed[0] < start:
+                elif start is not None and record.timestamp < start:
                     result.outside_window += 1
-                elif parsed[1] is None:
+                elif record.text is None:
                     result.hashed_only += 1
                 else:
-                    rows.append(parsed)  # type: ignore[arg-type]
+                    rows.append((record.timestamp, record.text, record.model_version))
     rows.sort(key=lambda row: row[0])
     if window.max_rows is not None and len(rows) > window.max_rows:
         result.over_max_rows = len(rows) - window.max_rows
@@ -413,8 +389,7 @@ def run(
             f"not enough data (n={len(window.texts)} < min {cfg.min_rows}) in the window"
             + (f" since {window.start:%F %H:%M} UTC" if window.start else "")
         )
-        write_json(reports_dir / LATEST, summary)
-        return summary
+        return _publish(summary, reports_dir / DriftSummary.LATEST)
 
     from lmops.engine import Engine
 
@@ -456,8 +431,8 @@ def run(
             "report": round(reported - inferred, 3),
             "total": round(time.perf_counter() - started, 3),
         }
-        write_json(scratch / "summary.json", summary)
-    write_json(reports_dir / LATEST, summary)
+        _publish(summary, scratch / DriftSummary.FILE)
+    _publish(summary, reports_dir / DriftSummary.LATEST)
     log.info(
         "monitor: drift %s (columns %d/%d, embedding %.3f) on %d current rows; report %s",
         "DETECTED" if summary["drift_detected"] else "not detected",
@@ -468,6 +443,14 @@ def run(
         run_dir / "report.html",
     )
     return summary
+
+
+def _publish(summary: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Write the summary through its typed model, so a wrong field fails here, not in a
+    reader."""
+    typed = DriftSummary.model_validate(summary)
+    typed.write(path)
+    return typed.dump()
 
 
 def run_project(root: Path, params: Params, traffic: Path | None = None) -> dict[str, Any]:
@@ -487,36 +470,27 @@ def run_project(root: Path, params: Params, traffic: Path | None = None) -> dict
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The plain-text form `lmops monitor` prints."""
-    traffic, rows = summary["traffic"], summary["rows"]
+    typed = DriftSummary.model_validate(summary)
+    traffic = typed.traffic
     skipped = (
-        f"; skipped {traffic['corrupt_lines_skipped']:,} corrupt line(s)"
-        if traffic["corrupt_lines_skipped"]
+        f"; skipped {traffic.corrupt_lines_skipped:,} corrupt line(s)"
+        if traffic.corrupt_lines_skipped
         else ""
     )
-    head = f"model {summary['model']['version']}; traffic {traffic['path']}{skipped}"
-    if summary["status"] == "not_enough_data":
-        return f"{head}\n{summary['message']}: no report written"
-    checks = summary["checks"]
+    head = f"model {typed.model.version}; traffic {traffic.path}{skipped}"
+    if typed.status == "not_enough_data":
+        return f"{head}\n{typed.message}: no report written"
     lines = [
         head,
-        f"rows: reference {rows['reference_sampled']:,} (of {rows['reference']:,}), current "
-        f"{rows['current_sampled']:,} (of {rows['current']:,})",
+        typed.rows_line(),
         "",
         f"{'check':<20} {'method':<16} {'score':>8} {'threshold':>9}  drift",
-    ]
-    for name, column in checks["columns"]["per_column"].items():
-        lines.append(
-            f"{name:<20} {column['method'][:16]:<16} {column['score']:>8.4f} "
-            f"{column['threshold']:>9.4g}  {'yes' if column['drifted'] else 'no'}"
-        )
-    cols, emb = checks["columns"], checks["embedding"]
-    lines += [
-        f"{'drifted columns':<20} {'share':<16} {cols['share']:>8.4f} {cols['threshold']:>9.4g}  "
-        f"{'YES' if cols['drift'] else 'no'} ({cols['drifted']}/{cols['of']})",
-        f"{'embedding':<20} {emb['method']:<16} {emb['score']:>8.4f} {emb['threshold']:>9.4g}  "
-        f"{'YES' if emb['drift'] else 'no'}",
+        *(
+            f"{name:<20} {method[:16]:<16} {score:>8.4f} {threshold:>9.4g}  {drift}"
+            for name, method, score, threshold, drift in typed.table()
+        ),
         "",
-        f"drift detected: {'YES' if summary['drift_detected'] else 'no'}",
-        f"report: {summary['report']['html']}",
+        f"drift detected: {'YES' if typed.drift_detected else 'no'}",
+        f"report: {typed.report['html'] if typed.report else '-'}",
     ]
     return "\n".join(lines)

@@ -24,11 +24,12 @@ from lmops.config import ModelConfig, PretrainConfig
 from lmops.errors import DataError
 from lmops.modeling import count_parameters, language_model, load_tokenizer
 from lmops.trainloop import (
+    LossOutput,
     accelerator_for,
+    device_peak_flops,
     flops_per_token,
     live_logger,
     optimizer_and_schedule,
-    peak_flops,
     perplexity,
     seed_everything,
     train_step,
@@ -92,9 +93,23 @@ def masked_positions_only(language_model: Any, input_ngrams: Any = None) -> Any:
             masked = labels != -100
             logits = self.lm.cls(hidden[masked])
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[masked])
-            return type("Output", (), {"loss": loss})
+            return LossOutput(loss)
 
     return MaskedPositionsOnly()
+
+
+def lm_flops_per_token(config: Any, seq_len: int, mask_probability: float, ngram_dim: int) -> float:
+    """Training FLOPs per token (lmops/trainloop.py) of the language model `config`
+    describes. Masked-LM's head (a hidden x hidden transform, then the vocabulary) runs on
+    the masked positions only (`masked_positions_only`): `mask_probability` of the tokens,
+    a little fewer in fact, as [CLS] and [SEP] are never masked. Causal-LM's vocabulary
+    projection runs on every position. `ngram_dim`: the n-gram embeddings' width (0: none)."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    if config.model_type == "bert":
+        return flops_per_token(
+            config, seq_len, hidden * (hidden + vocab), mask_probability, ngram_dim * hidden
+        )
+    return flops_per_token(config, seq_len, hidden * vocab)
 
 
 def unigram_perplexity(train_rows: Any, val_rows: Any, tokenizer: Any) -> float:
@@ -309,6 +324,12 @@ def run(
     else:
         model = _language_model_from(init_dir, model_cfg, cfg.dropout)
     n_params = count_parameters(model)
+    flops_token = lm_flops_per_token(
+        model.config,
+        model_cfg.max_length,
+        cfg.mask_probability,
+        model_cfg.input_ngram_dim if model_cfg.input_ngram_order else 0,
+    )
     if model_cfg.architecture == "bert":
         from lmops.classifier import input_ngram_spec
         from lmops.ngrams import ngram_embedding
@@ -348,10 +369,9 @@ def run(
         live.step = start_step
 
     tokens_per_step = cfg.batch_size * world * model_cfg.max_length
-    flops_token = flops_per_token(
-        n_params, model_cfg.layers, model_cfg.hidden_size, model_cfg.max_length
-    )
-    peak = peak_flops(accelerator)
+    # Tokens/s counts every process's tokens, so the peak is that of all their devices.
+    device_peak = device_peak_flops(accelerator)
+    peak = device_peak * world if device_peak else None
     model.train()
     started = time.perf_counter()
     progress = tqdm(
@@ -369,14 +389,14 @@ def run(
             )
         ]
         batch = collator([{"input_ids": r} for r in rows])
-        loss = train_step(model, batch, accelerator, optimizer, schedule)
+        loss = train_step(model, batch, accelerator, optimizer, schedule).item()
         window_tokens += tokens_per_step
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
-        progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if live is not None:
-            live.log_metric("train/loss", loss.item())
-            live.log_metric("train/perplexity", perplexity(loss.item()))
+            live.log_metric("train/loss", loss)
+            live.log_metric("train/perplexity", perplexity(loss))
             live.log_metric("train/learning_rate", schedule.get_last_lr()[0])
             live.log_metric("train/tokens_per_s", tokens_per_s)
             if peak:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lmops import registry
+from lmops.artifacts import ExportManifest, Metrics
 from lmops.config import PairedRuleConfig, ParityConfig, PromotionConfig
 from lmops.errors import LmopsError
 from lmops.stages import VALIDATED_DIR
@@ -93,38 +94,43 @@ def _gate(name: str, passed: bool, value: Any, threshold: str, note: str = "") -
 
 
 def absolute_gates(
-    evaluation: dict[str, Any], manifest: dict[str, Any], parity: ParityConfig
+    evaluation: Metrics | None, manifest: ExportManifest | None, parity: ParityConfig
 ) -> list[dict[str, Any]]:
     """The challenger's own evaluation gates and its export's fp32 parity figures."""
-    if not evaluation or not manifest:
+    if evaluation is None or manifest is None:
         return [_gate("evaluated and exported", False, "missing", "reports/metrics.json, manifest")]
-    gates = evaluation["gates"]
-    beats = gates["beats_baseline"]
-    paired = beats["paired"]
-    fp32 = manifest["variants"]["fp32"]["parity"]
-    rule = "CI low > 0" if paired["rule"] == "superiority" else f"CI low > -{paired['margin']}"
+    gates = evaluation.gates
+    beats = gates.beats_baseline
+    paired = beats.paired
+    fp32 = manifest.variants["fp32"].parity
+    rule = "CI low > 0" if paired.rule == "superiority" else f"CI low > -{paired.margin}"
     baseline_gate = {
         **_gate(
             "beats_baseline",
-            beats["passed"] or beats["relaxed"],
-            f"{beats['margin']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}] "
-            f"p={paired['p_value_mcnemar']:.3g}",
-            f">= {beats['threshold']:+} and {rule} over TF-IDF + LR "
-            f"({evaluation['baseline']['accuracy']:.4f})",
+            beats.passed or beats.relaxed,
+            f"{beats.margin:+.4f} [{paired.ci_low:+.4f}, {paired.ci_high:+.4f}] "
+            f"p={paired.p_value_mcnemar:.3g}",
+            f">= {beats.threshold:+} and {rule} over TF-IDF + LR "
+            f"({evaluation.baseline.accuracy:.4f})",
             "relaxed by the profile (evaluate.gates.relax_baseline)"
-            if beats["relaxed"] and not beats["passed"]
-            else paired["reading"],
+            if beats.relaxed and not beats.passed
+            else paired.reading,
         ),
-        "paired": paired,
+        "paired": paired.dump(),
     }
+    behavioural = [
+        _gate(f"behavioural:{name}", gate.passed, gate.value, f">= {gate.threshold}")
+        for name, gate in (gates.behavioural or {}).items()
+    ]
     return [
         _gate(
             "min_accuracy",
-            gates["min_accuracy"]["passed"],
-            gates["min_accuracy"]["value"],
-            f">= {gates['min_accuracy']['threshold']}",
+            gates.min_accuracy.passed,
+            gates.min_accuracy.value,
+            f">= {gates.min_accuracy.threshold}",
         ),
         baseline_gate,
+        *behavioural,
         _gate(
             "onnx_parity",
             fp32["max_abs_logit_diff_vs_torch"] <= parity.max_abs_logit_diff

@@ -8,7 +8,6 @@ offending rows, and the last good `data/validated/` is left exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from lmops.artifacts import DataManifest, SourceSummary
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import ValidationConfig
 from lmops.errors import DataError, ValidationFailed
@@ -149,11 +149,11 @@ def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
 
 
 def label_contract(
-    cfg: ValidationConfig, source: str, found: list[str], previous: dict[str, Any] | None
+    cfg: ValidationConfig, source: str, found: list[str], previous: SourceSummary | None
 ) -> tuple[list[str], str | None]:
     """The labels this version must have, and why a change of labels is refused (or None).
 
-    `previous` is the manifest of the last validated version, if any."""
+    `previous` is the labelled source of the last validated version, if any."""
     from lmops.sources import builtin_labels
 
     if cfg.labels is None:
@@ -163,9 +163,9 @@ def label_contract(
     known = builtin_labels(source)
     if known is not None:
         return known, None
-    if previous is None or previous["labelled"]["spec"] != source:
+    if previous is None or previous.spec != source:
         return found, None  # the first validated version of this source pins its labels
-    pinned = list(previous["labelled"]["labels"])
+    pinned = list(previous.labels or [])
     if sorted(pinned) == sorted(found):
         return pinned, None
     return pinned, (
@@ -251,10 +251,15 @@ def run(
 ) -> dict[str, Any]:
     """Validate `ingested_dir`; on success publish it as `validated_dir` with Data Docs."""
     tables = _load(ingested_dir)
-    ingested = read_manifest(ingested_dir)
-    previous = read_manifest(validated_dir) if (validated_dir / "manifest.json").is_file() else None
+    ingested = DataManifest.of(ingested_dir)
+    previous = (
+        DataManifest.of(validated_dir) if (validated_dir / DataManifest.FILE).is_file() else None
+    )
     labels, changed = label_contract(
-        cfg, ingested["labelled"]["spec"], sorted(tables["train"]["label"].unique()), previous
+        cfg,
+        ingested.labelled.spec,
+        sorted(tables["train"]["label"].unique()),
+        previous.labelled if previous else None,
     )
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch_docs = Path(tempfile.mkdtemp(prefix=".docs-", dir=docs_dir.parent))
@@ -288,6 +293,3 @@ def run(
     )
     return summary
 
-
-def read_manifest(validated_dir: Path) -> dict[str, Any]:
-    return json.loads((validated_dir / "manifest.json").read_text(encoding="utf-8"))

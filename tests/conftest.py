@@ -25,6 +25,42 @@ from lmops.config import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 
+# Every test is in exactly one family (markers; `make test-<family>`). A test that names none
+# takes its folder's; tests/unit/test_families.py holds every collected test to one.
+FAMILIES = ("code", "data", "model", "faults", "e2e")
+FOLDER_FAMILIES = {
+    "unit": "code",
+    "integration": "code",
+    "faults": "faults",
+    "conformance": "e2e",
+    "e2e": "e2e",
+}
+COLLECTED_FAMILIES = pytest.StashKey[dict[str, list[str]]]()
+# Fixtures that ingest the builtin data, train a model or start a server (10 s and more each
+# on 2 busy cores): a test that needs one, however indirectly, is `slow`, left out of
+# `make test-fast`. A test as slow by itself is marked where it is written.
+SLOW_FIXTURES = {"tiny_validated", "tiny_export", "served", "prefect_server"}
+
+
+def families(item: pytest.Item) -> list[str]:
+    """The families a test names, on itself, its class or its module."""
+    return sorted({mark.name for mark in item.iter_markers() if mark.name in FAMILIES})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Folder families and `slow` first (tryfirst: before `-m` deselects anything), then every
+    collected test's families, selected or not, kept for tests/unit/test_families.py."""
+    tests_dir = REPO_ROOT / "tests"
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker("slow")
+        if not families(item) and item.path.is_relative_to(tests_dir):
+            folder = item.path.relative_to(tests_dir).parts[0]
+            if folder in FOLDER_FAMILIES:
+                item.add_marker(FOLDER_FAMILIES[folder])
+    config.stash[COLLECTED_FAMILIES] = {item.nodeid: families(item) for item in items}
+
 
 @pytest.fixture(scope="session")
 def repo_params_raw() -> dict[str, Any]:
@@ -280,22 +316,14 @@ def stop_server(server: subprocess.Popen) -> int:
 
 
 def traffic_record(text: str, when: Any, **fields: Any) -> str:
-    """One line of the traffic log as serving/traffic.py writes it (`when`: aware datetime)."""
-    import json
+    """One line of the traffic log, through the record the server writes (`when`: aware
+    datetime)."""
+    from lmops.artifacts import TrafficRecord
 
-    return json.dumps(
-        {
-            "timestamp": when.isoformat(timespec="milliseconds"),
-            "request_id": "r",
-            "label": "positive",
-            "score": 0.9,
-            "latency_ms": 1.0,
-            "model_version": "v-test",
-            "text": text,
-            **fields,
-        },
-        ensure_ascii=False,
-    )
+    defaults = {"request_id": "r", "label": "positive", "score": 0.9, "latency_ms": 1.0}
+    return TrafficRecord(
+        timestamp=when, model_version="v-test", text=text, **{**defaults, **fields}
+    ).line()
 
 
 def write_traffic(folder: Path, texts: list[str], when: Any = None) -> Path:
@@ -304,7 +332,9 @@ def write_traffic(folder: Path, texts: list[str], when: Any = None) -> Path:
 
     when = when or datetime.now(UTC)
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / f"traffic-{when:%Y%m%dT%H}.jsonl").open("a", encoding="utf-8") as handle:
+    from lmops.artifacts import traffic_file_name
+
+    with (folder / traffic_file_name(when)).open("a", encoding="utf-8") as handle:
         handle.writelines(traffic_record(text, when) + "\n" for text in texts)
     return folder
 

@@ -148,6 +148,7 @@ def test_unknown_param_key_at_the_cli(workspace: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_data_contract_prints_only_lmops_error(tmp_path: Path) -> None:
     """GX's own logs (a Data Docs renderer's KeyError traceback) stay out of the output."""
     from lmops.config import resolve_overrides

@@ -17,6 +17,8 @@ from lmops.stages import METRICS, ONNX_DIR, TOKENIZER_METRICS
 from tasks.stages import STAGES
 from tests.conftest import REPO_ROOT
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # trains a model through every stage
+
 
 @pytest.fixture(scope="module")
 def english_project(tmp_path_factory: pytest.TempPathFactory) -> Path:

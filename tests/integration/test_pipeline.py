@@ -15,6 +15,8 @@ import pytest
 from tasks.stages import STAGES
 from tests.conftest import latest_artifact, tiny_git_project, tool_env, tree_digest
 
+pytestmark = pytest.mark.e2e
+
 UP_TO_DATE = "Data and pipelines are up to date."
 
 

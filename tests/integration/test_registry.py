@@ -28,6 +28,8 @@ from tests.conftest import (
     tool_env,
 )
 
+pytestmark = pytest.mark.e2e
+
 # The tiny profile fine-tunes one epoch: barely better than a coin. Six epochs make a
 # clearly better model (0.75 vs 0.52 test accuracy when measured), one epoch from another
 # seed a clearly worse one.

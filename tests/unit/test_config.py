@@ -4,12 +4,15 @@ import pytest
 import yaml
 
 from lmops.config import (
+    DEFAULT_PROFILE,
     PROFILES_DIR,
     _flatten,
     apply_overrides,
     load_params,
     parse_params,
     parse_set,
+    profile_overrides,
+    read_raw,
     resolve_overrides,
 )
 from lmops.errors import ConfigError
@@ -99,14 +102,120 @@ def test_unknown_profile_lists_the_known_ones(project: Path) -> None:
         resolve_overrides(project, "huge", [])
 
 
-def test_every_profile_sets_the_same_keys() -> None:
-    """Else switching from one profile to another would keep the first one's values."""
-    key_sets = {
-        path.stem: set(_flatten(yaml.safe_load(path.read_text("utf-8"))))
-        for path in (REPO_ROOT / PROFILES_DIR).glob("*.yaml")
+PROFILES = ("tiny", "cpu-demo", "gpu")
+
+
+def _defaults() -> dict:
+    return _flatten(yaml.safe_load((REPO_ROOT / PROFILES_DIR / "default.yaml").read_text("utf-8")))
+
+
+def _changes(name: str) -> dict:
+    return _flatten(yaml.safe_load((REPO_ROOT / PROFILES_DIR / f"{name}.yaml").read_text("utf-8")))
+
+
+def _below_header(text: str) -> str:
+    lines = text.splitlines()
+    while lines and (not lines[0].strip() or lines[0].startswith("#")):
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def test_defaults_are_the_repository_params() -> None:
+    """Runs rewrite params.yaml; profiles/default.yaml keeps what it ships with."""
+    defaults = (REPO_ROOT / PROFILES_DIR / "default.yaml").read_text("utf-8")
+    params = (REPO_ROOT / "params.yaml").read_text("utf-8")
+    assert _flatten(yaml.safe_load(defaults)) == _flatten(yaml.safe_load(params))
+    assert _below_header(defaults) == _below_header(params), (
+        "profiles/default.yaml must be params.yaml line for line below its header comment"
+    )
+
+
+def test_profiles_are_small_deltas_over_the_defaults() -> None:
+    defaults = _defaults()
+    for name in PROFILES:
+        changes = _changes(name)
+        assert len(changes) < len(defaults) / 4, name
+        same = [key for key, value in changes.items() if defaults[key] == value]
+        assert not same, f"{name} sets defaults: {same}"
+
+
+def test_each_profile_sets_the_params_it_always_did() -> None:
+    """Each profile's params before profiles became deltas: these values, and the
+    defaults for every param they do not name."""
+    distinctive = {
+        "tiny": (
+            26,
+            {
+                "data.max_rows": 1500,
+                "tokenizer.kind": "wordpiece",
+                "model.hidden_size": 32,
+                "pretrain.steps": 20,
+                "finetune.learning_rate": 1e-3,
+                "evaluate.gates.min_accuracy": 0.5,
+                "evaluate.gates.relax_baseline": True,
+                "evaluate.gates.behavioural.minimum_functionality": 0.0,
+            },
+        ),
+        "cpu-demo": (
+            12,
+            {
+                "tokenizer.kind": "wordpiece",
+                "model.layers": 2,
+                "model.input_ngram_order": 3,
+                "pretrain.texts": ["train"],
+                "finetune.from_pretrained": False,
+                "finetune.ngram_channel.enabled": True,
+            },
+        ),
+        "gpu": (
+            18,
+            {
+                "tokenizer.vocab_size": 16000,
+                "model.layers": 8,
+                "model.hidden_size": 512,
+                "pretrain.steps": 20000,
+                "finetune.precision": "bf16",
+                "evaluate.ablation": True,
+            },
+        ),
     }
-    assert len(key_sets) >= 2
-    assert len({frozenset(keys) for keys in key_sets.values()}) == 1, key_sets
+    defaults = _defaults()
+    for name, (changed, values) in distinctive.items():
+        effective = profile_overrides(REPO_ROOT, name)
+        assert effective.keys() == defaults.keys()
+        assert {key: effective[key] for key in values} == values, name
+        assert sum(effective[key] != defaults[key] for key in defaults) == changed, name
+        assert effective["data.split.seed"] == 0
+        assert effective["evaluate.gates.baseline_test.rule"] == "non_inferiority"
+
+
+def test_switching_profiles_leaves_nothing_behind(project: Path) -> None:
+    for first in PROFILES:
+        for second in PROFILES:
+            apply_overrides(project, resolve_overrides(project, first, ["data.split.seed=5"]))
+            apply_overrides(project, resolve_overrides(project, second, []))
+            written = _flatten(read_raw(project))
+            assert written == {**_defaults(), **_changes(second)}, (first, second)
+    apply_overrides(project, resolve_overrides(project, "tiny", []))
+    apply_overrides(project, resolve_overrides(project, DEFAULT_PROFILE, []))
+    assert _flatten(read_raw(project)) == _defaults()
+
+
+def test_without_a_profile_a_hand_edit_stays(project: Path) -> None:
+    apply_overrides(project, resolve_overrides(project, "gpu", []))
+    apply_overrides(project, {"finetune.epochs": 9})  # as if edited by hand
+    params, changed = apply_overrides(project, resolve_overrides(project, None, ["model.layers=3"]))
+    assert (params.finetune.epochs, params.model.layers, params.evaluate.ablation) == (9, 3, True)
+    assert set(changed) == {"model.layers"}
+
+
+def test_a_profile_key_that_is_not_a_param_is_named(project: Path) -> None:
+    (project / PROFILES_DIR / "typo.yaml").write_text("model:\n  layerz: 2\n", "utf-8")
+    with pytest.raises(ConfigError, match=r"profile 'typo': unknown key model\.layerz"):
+        resolve_overrides(project, "typo", [])
+    (project / PROFILES_DIR / "bad.yaml").write_text("model:\n  heads: 3\n", "utf-8")
+    with pytest.raises(ConfigError, match=r"profile 'bad' over default\.yaml: .*model"):
+        resolve_overrides(project, "bad", [])
 
 
 def test_profiles_apply_to_valid_params(project: Path) -> None:

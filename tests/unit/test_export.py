@@ -37,6 +37,7 @@ def exported(
     return manifest, root, request.param
 
 
+@pytest.mark.model
 def test_fp32_matches_pytorch_on_the_whole_test_split(exported: tuple) -> None:
     manifest, root, _ = exported
     parity = manifest["variants"]["fp32"]["parity"]
@@ -46,6 +47,7 @@ def test_fp32_matches_pytorch_on_the_whole_test_split(exported: tuple) -> None:
     assert manifest["test_rows"] == 150
 
 
+@pytest.mark.model
 def test_int8_is_published_only_within_a_point_of_fp32(exported: tuple) -> None:
     manifest, root, _ = exported
     if "int8" in manifest["variants"]:
@@ -108,6 +110,7 @@ def test_triton_repository_serves_the_fp32_model(exported: tuple) -> None:
     assert (model_dir / "labels.txt").read_text("utf-8").split() == manifest["labels"]
 
 
+@pytest.mark.model
 def test_padding_does_not_change_a_text_s_logits(exported: tuple, tiny_validated: Path) -> None:
     """A text alone and the same text padded inside a batch must score the same."""
     from lmops.batching import collate, encode
@@ -130,6 +133,7 @@ def test_padding_does_not_change_a_text_s_logits(exported: tuple, tiny_validated
         np.testing.assert_allclose(alone[0], together[row], atol=1e-4)
 
 
+@pytest.mark.model
 def test_the_engine_serves_calibrated_scores_from_the_raw_logits(exported: tuple) -> None:
     """The temperature fitted on val travels in the manifest; the graph's logits stay raw
     (parity is on them) and the engine divides them before the softmax."""

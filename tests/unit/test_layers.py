@@ -52,3 +52,75 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     sneaky = tmp_path / "sneaky.py"
     sneaky.write_text("def f():\n    from serving.app import create_app\n", "utf-8")
     assert _project_imports(sneaky) == {"serving"}
+
+
+# Files a module writes and reads itself, or input that is not a project file; everything
+# else that crosses a stage or process boundary is read through lmops/artifacts.py.
+PRIVATE_JSON = {
+    "lmops/artifacts.py": "the seam itself",
+    "lmops/classifier.py": "classifier.json, written and read by save/load here",
+    "tasks/pretrain.py": "the resume state of its own checkpoints",
+    "tasks/triton_tokenizer.py": "Triton's model_config argument",
+    "flows/monitoring.py": "last_trigger.json, written and read by the cooldown here",
+    "serving/protocol.py": "request bodies of the binary tensor extension",
+    "bench/monitor.py": "the JSON line its own child process prints",
+    # Stage metrics (reports/pretrain.json, finetune.json) are not typed yet.
+    "bench/recipes.py": "its own recipes.json, and the pretrain and finetune stage metrics",
+}
+JSON_READERS = {"load", "loads", "read_json"}
+
+
+def _json_reads(path: Path) -> list[int]:
+    """Lines calling json.load/json.loads/pd.read_json (or `from json import loads`)."""
+    tree = ast.parse(path.read_text("utf-8"))
+    bare = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "json"
+        for alias in node.names
+        if alias.name in JSON_READERS
+    }
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr in JSON_READERS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "json"
+            )
+            or (isinstance(node.func, ast.Name) and node.func.id in bare)
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        *MODULES,
+        *(
+            path.relative_to(REPO_ROOT).as_posix()
+            for path in sorted((REPO_ROOT / "bench").glob("*.py"))
+        ),
+    ],
+)
+def test_no_module_parses_another_modules_file_by_hand(module: str) -> None:
+    if module in PRIVATE_JSON:
+        return
+    lines = _json_reads(REPO_ROOT / module)
+    assert not lines, (
+        f"{module} parses JSON by hand at line(s) {lines}: read the file through its model "
+        "in lmops/artifacts.py (or list a module-private format in PRIVATE_JSON)"
+    )
+
+
+def test_the_parse_check_sees_a_hand_parser(tmp_path: Path) -> None:
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text(
+        "import json\nfrom json import loads as l\n"
+        "a = json.loads('{}')\nb = l('{}')\nc = json.dumps({})\n",
+        "utf-8",
+    )
+    assert _json_reads(sneaky) == [3, 4]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmops.artifacts import DriftSummary
 from lmops.config import MonitorConfig, MonitorWindowConfig
 from lmops.engine import Engine
 from lmops.errors import DataError
@@ -125,7 +126,7 @@ def test_news_windows_are_flagged_and_reported(
         assert json.loads(Path(report["summary"]).read_text("utf-8")) == summary
         assert json.loads(Path(report["json"]).read_text("utf-8"))["metrics"]
         assert "drift detected: YES" in monitor.format_summary(summary)
-    latest = json.loads((tmp_path / "reports" / monitor.LATEST).read_text("utf-8"))
+    latest = json.loads((tmp_path / "reports" / DriftSummary.LATEST).read_text("utf-8"))
     assert latest["report"] == summary["report"]
     from evidently.ui.workspace import Workspace
 
@@ -226,7 +227,7 @@ def test_engine_outputs_give_the_served_probabilities_and_an_embedding(
     texts = unseen_reviews[:40]
     probabilities, embeddings = engine.outputs(texts)
     np.testing.assert_allclose(probabilities, engine.probabilities(texts), atol=1e-6)
-    assert embeddings.shape == (40, engine.manifest["outputs"]["embedding"]["shape"][1])
+    assert embeddings.shape == (40, engine.manifest.outputs["embedding"].shape[1])
     # Each row is its own text's embedding, whatever chunk it was computed in.
     _, alone = engine.outputs(texts[7:8])
     np.testing.assert_allclose(alone[0], embeddings[7], atol=2e-2)

@@ -141,6 +141,7 @@ def test_invalid_hyper_parameters_are_rejected_with_their_key(repo_params_raw: d
         tiny(repo_params_raw, model__architecture="t5")
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("architecture", "ngrams"), [("bert", False), ("gpt2", False), ("bert", True)]
 )

@@ -11,9 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lmops.artifacts import SourceSummary
 from lmops.errors import ValidationFailed
 from tasks import ingest, validate
 from tests.conftest import params_with, tree_digest
+
+pytestmark = pytest.mark.data
 
 TINY = {
     "data__max_rows": 1500,
@@ -98,6 +101,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, pd.DataFrame]], None], list[str]]] =
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("corrupt", "expected"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN]
 )
@@ -134,7 +138,9 @@ def test_broken_contract_is_quarantined_and_keeps_last_good_data(
 def test_label_contract_follows_the_source(repo_params_raw: dict) -> None:
     cfg = params_with(repo_params_raw, **TINY).validation
     assert cfg.labels == "auto"
-    previous = {"labelled": {"spec": "reviews.csv", "labels": ["bad", "good"]}}
+    previous = SourceSummary(
+        spec="reviews.csv", files={}, rows_read=2, dropped={}, labels=["bad", "good"]
+    )
     # A builtin source knows its labels; a new file source pins what it holds.
     assert validate.label_contract(cfg, "builtin:zh-reviews", ["x", "y"], None) == (
         ["negative", "positive"],
@@ -163,6 +169,7 @@ def _as_file_source(ingested: Path, target: Path, names: dict[str, str]) -> Path
     return target
 
 
+@pytest.mark.slow
 def test_file_source_labels_pass_then_a_changed_set_is_refused(
     repo_params_raw: dict, ingested: Path, tmp_path: Path
 ) -> None:

@@ -1,0 +1,494 @@
+"""The files that cross a stage or process boundary: one typed model each, with its one
+writer and its one reader.
+
+A stage writes its artifact with `.write(path)`; every other stage, flow, the server and
+the CLI read it with `.read(path)` and use attributes, never `json.loads` and key lookups
+of their own (tests/unit/test_layers.py checks that no other module parses these files).
+A file that does not match its model is refused with an error naming the file, so a
+format change breaks loudly at the seam instead of deep inside a reader.
+
+The paths where the pipeline keeps them are in `lmops.stages` (checked against dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmops.atomic import write_json
+from lmops.errors import LmopsError
+
+
+class CorruptArtifact(LmopsError):
+    """A file a stage or the server must read is missing, not JSON, or not its format."""
+
+
+class _Artifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def write(self, path: Path) -> None:
+        """Atomically: a reader never sees half a file."""
+        write_json(path, self.dump())
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Self:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            problem = err.errors()[0]
+            place = ".".join(str(p) for p in problem["loc"]) or "the file"
+            raise CorruptArtifact(
+                f"{where} is not a valid {cls.__name__} ({place}: {problem['msg']})"
+            ) from None
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{path} is missing") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise CorruptArtifact(f"{path} cannot be read ({err})") from None
+        return cls.parse(text, str(path))
+
+
+# -- data/{ingested,validated}/manifest.json (ingest writes; validate copies it) ---------
+
+
+class SourceSummary(_Artifact):
+    spec: str
+    files: dict[str, str]
+    rows_read: int
+    dropped: dict[str, int]
+    labels: list[str] | None = None  # the labelled source only
+
+
+class DataManifest(_Artifact):
+    FILE: ClassVar[str] = "manifest.json"
+
+    normalization: str
+    split: dict[str, float | int]
+    labelled: SourceSummary
+    corpus: SourceSummary
+    rows: dict[str, int]
+    class_counts: dict[str, dict[str, int]]
+    content_sha256: dict[str, str]
+
+    @classmethod
+    def of(cls, data_dir: Path) -> DataManifest:
+        return cls.read(data_dir / cls.FILE)
+
+
+# -- models/onnx/manifest.json (export writes; the engine, monitor and promotion read) ---
+
+
+class TensorSpec(_Artifact):
+    dtype: str
+    shape: list[str | int]
+
+
+class Variant(_Artifact):
+    file: str
+    sha256: str
+    parity: dict[str, float]
+
+
+class ExportManifest(_Artifact):
+    FILE: ClassVar[str] = "manifest.json"
+
+    opset: int
+    architecture: str
+    max_length: int
+    labels: list[str]
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    tokenizer: str
+    test_rows: int
+    torch_accuracy: float
+    variants: dict[str, Variant]
+    refused: dict[str, str]
+    # Per ONNX Runtime provider, the variant to serve.
+    recommended: dict[str, str]
+    # Calibration (lmops/calibration.py): scores are softmax(logits / temperature).
+    temperature: float = 1.0
+
+    @classmethod
+    def of(cls, model_dir: Path) -> ExportManifest:
+        path = model_dir / cls.FILE
+        if not path.is_file():
+            raise CorruptArtifact(f"no exported model in {model_dir} (run the export stage first)")
+        return cls.read(path)
+
+    def version_id(self, variant: str) -> str:
+        """A version's name where the registry gives none: the variant file's sha256[:12]."""
+        return self.variants[variant].sha256[:12]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- the traffic log: <serve.traffic.dir>/traffic-<UTC hour>[.<n>].jsonl -----------------
+
+TRAFFIC_FILE = re.compile(r"traffic-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl")
+# JSON leaves U+2028, U+2029 and U+0085 raw, and Python's str.splitlines() breaks lines
+# at them: escaped, so that one record is always one line for every reader.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
+
+
+def traffic_file_name(hour: datetime, part: int = 0) -> str:
+    """The hour's file; `part` > 0 when the first name is taken by something unwritable."""
+    stem = f"traffic-{hour.astimezone(UTC):%Y%m%dT%H}"
+    return f"{stem}.{part}.jsonl" if part else f"{stem}.jsonl"
+
+
+def traffic_file_hour(name: str) -> tuple[datetime, int] | None:
+    """(hour, part) of a traffic log file's name, or None for any other file."""
+    match = TRAFFIC_FILE.fullmatch(name)
+    if match is None:
+        return None
+    hour = datetime.strptime(match.group(1), "%Y%m%dT%H").replace(tzinfo=UTC)
+    return hour, int(match.group(2) or 0)
+
+
+class TrafficRecord(_Artifact):
+    """One served text. Either `text` or, with serve.traffic.store_text off, its hash."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    timestamp: datetime
+    request_id: str | None = None
+    label: str
+    score: float
+    latency_ms: float | None = None
+    model_version: str
+    text: str | None = None
+    text_sha256: str | None = None
+
+    def line(self) -> str:
+        """The record as one line of the log, without the newline."""
+        payload = self.model_dump(mode="json", exclude_none=True)
+        payload["timestamp"] = self.timestamp.isoformat(timespec="milliseconds")
+        return json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)
+
+    @classmethod
+    def from_line(cls, line: str) -> TrafficRecord | None:
+        """The record, or None for a line that is not one (a write cut short, a hand edit)."""
+        try:
+            record = cls.model_validate_json(line)
+        except ValidationError:
+            return None
+        if record.text is None and record.text_sha256 is None:
+            return None
+        if record.timestamp.tzinfo is None:
+            record.timestamp = record.timestamp.replace(tzinfo=UTC)
+        return record
+
+
+# -- reports/metrics.json (evaluate writes; the flows, registry, promotion and CLI read) --
+
+
+class SliceMetrics(_Artifact):
+    n: int
+    accuracy: float | None = None
+
+
+class ClassificationMetrics(_Artifact):
+    accuracy: float
+    macro_f1: float
+    roc_auc: float
+    ece: float
+    slices_by_chars: dict[str, SliceMetrics]
+
+
+class AblationMetrics(ClassificationMetrics):
+    pretraining_gain: float
+
+
+class PairedComparison(_Artifact):
+    """Model a against model b on the same texts (lmops/stats.py `compare`)."""
+
+    metric: str
+    difference: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    bootstrap_samples: int
+    rule: Literal["superiority", "non_inferiority"]
+    margin: float
+    passed: bool
+    reading: str
+    p_value_mcnemar: float | None = None
+
+    def text(self) -> str:
+        rule = (
+            "superiority"
+            if self.rule == "superiority"
+            else f"non-inferiority within {self.margin * 100:.1f} points"
+        )
+        mcnemar = (
+            f", McNemar p = {self.p_value_mcnemar:.3g}" if self.p_value_mcnemar is not None else ""
+        )
+        return (
+            f"{self.confidence:.0%} CI [{self.ci_low * 100:+.2f}, {self.ci_high * 100:+.2f}]"
+            f"{mcnemar}: {self.reading}; rule: {rule}"
+        )
+
+
+class ThresholdGate(_Artifact):
+    threshold: float
+    value: float
+    passed: bool
+
+
+class BaselineGate(_Artifact):
+    threshold: float
+    margin: float
+    paired: PairedComparison
+    passed: bool
+    relaxed: bool
+
+    def text(self) -> str:
+        """One line for summaries and cards: the margin, its interval and what it means."""
+        return (
+            f"margin over the baseline {self.margin * 100:+.2f} points, {self.paired.text()} "
+            f"and a point estimate >= {self.threshold * 100:+.1f} points"
+        )
+
+    @property
+    def word(self) -> str:
+        return "ok" if self.passed else "relaxed by the profile" if self.relaxed else "FAILED"
+
+
+class Gates(_Artifact):
+    min_accuracy: ThresholdGate
+    beats_baseline: BaselineGate
+    # Per behavioural check (evaluate.gates.behavioural); absent for non-sentiment labels.
+    behavioural: dict[str, ThresholdGate] | None = None
+    passed: bool
+
+    def text(self) -> str:
+        """The verdict in one paragraph: the model card and the run summary both show it."""
+        accuracy = self.min_accuracy
+        parts = [
+            f"accuracy {accuracy.value:.4f} (minimum {accuracy.threshold}: "
+            f"{'ok' if accuracy.passed else 'FAILED'})",
+            f"{self.beats_baseline.text()} ({self.beats_baseline.word})",
+        ]
+        if self.behavioural:
+            parts.append(
+                "behavioural checks "
+                + ", ".join(
+                    f"{name} {gate.value:.3f} (minimum {gate.threshold}: "
+                    f"{'ok' if gate.passed else 'FAILED'})"
+                    for name, gate in self.behavioural.items()
+                )
+            )
+        return f"**{'passed' if self.passed else 'failed'}** — " + "; ".join(parts)
+
+
+class Calibration(_Artifact):
+    temperature: float
+    test_ece_before: float
+    test_ece_after: float
+    bins: int
+
+
+class Metrics(_Artifact):
+    FILE: ClassVar[str] = "reports/metrics.json"
+
+    test_rows: int
+    labels: list[str]
+    model: ClassificationMetrics
+    baseline: ClassificationMetrics
+    behavioural: dict[str, float] | None = None
+    gates: Gates
+    calibration: Calibration | None = None
+    # With the n-gram channel: the transformer alone, and its weight in the served blend.
+    transformer_only: ClassificationMetrics | None = None
+    transformer_weight: float | None = None
+    ablation_no_pretraining: AblationMetrics | None = None
+    seconds: float
+
+    def table(self) -> list[str]:
+        """The test metrics of the served model, the transformer alone (with the n-gram
+        channel) and the baseline, side by side, as markdown rows."""
+        alone = self.transformer_only
+        return [
+            "| test metric | served model |"
+            + (" transformer alone |" if alone else "")
+            + " TF-IDF + LR baseline |",
+            "|---|---:|" + ("---:|" if alone else "") + "---:|",
+            *(
+                f"| {key} | {getattr(self.model, key):.4f} |"
+                + (f" {getattr(alone, key):.4f} |" if alone else "")
+                + f" {getattr(self.baseline, key):.4f} |"
+                for key in ("accuracy", "macro_f1", "roc_auc", "ece")
+            ),
+        ]
+
+    def markdown(self) -> str:
+        """The table and the gates' verdict: what a run's summary shows."""
+        lines = [*self.table(), "", f"Gates: {self.gates.text()}"]
+        if self.ablation_no_pretraining is not None:
+            gain = self.ablation_no_pretraining.pretraining_gain
+            lines += [
+                "",
+                f"Pretraining is worth {gain:+.4f} accuracy (ablation from random weights).",
+            ]
+        return "\n".join(lines)
+
+
+def key_figures(metrics: Metrics | None) -> dict[str, Any]:
+    """The figures a registry record keeps; all None for a commit never evaluated."""
+    if metrics is None:
+        return dict.fromkeys(("accuracy", "macro_f1", "baseline_accuracy", "gates_passed"))
+    return {
+        "accuracy": metrics.model.accuracy,
+        "macro_f1": metrics.model.macro_f1,
+        "baseline_accuracy": metrics.baseline.accuracy,
+        "gates_passed": metrics.gates.passed,
+    }
+
+
+# -- the promotion record: the message of each registry tag (lmops/registry.py) ----------
+
+
+class PromotionRecord(_Artifact):
+    by: str = ""
+    why: str = ""
+    metrics: dict[str, Any] = {}
+
+    def message(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False)
+
+    @classmethod
+    def from_message(cls, message: str) -> PromotionRecord:
+        """The record; a tag made by hand with `gto` keeps its message as the reason."""
+        try:
+            return cls.model_validate_json(message)
+        except ValidationError:
+            return cls(why=message.strip())
+
+
+# -- <monitor.reports_dir>/latest.json and each run's summary.json (the drift monitor) ---
+
+
+class ColumnCheck(_Artifact):
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+
+
+class ColumnsCheck(_Artifact):
+    drifted: int
+    of: int
+    share: float
+    threshold: float
+    drift: bool
+    per_column: dict[str, ColumnCheck]
+
+
+class EmbeddingCheck(_Artifact):
+    method: str
+    score: float
+    threshold: float
+    drift: bool
+
+
+class DriftChecks(_Artifact):
+    columns: ColumnsCheck
+    embedding: EmbeddingCheck
+
+
+class WatchedModel(_Artifact):
+    version: str
+    dir: str
+    variant: str | None = None
+
+
+class TrafficWindowSummary(_Artifact):
+    path: str
+    window_start: str | None = None
+    window_end: str
+    files_read: int
+    lines_read: int
+    corrupt_lines_skipped: int
+    hashed_only_skipped: int
+    outside_window: int
+    over_max_rows: int
+    served_by: dict[str, int]
+
+
+class DriftRows(_Artifact):
+    current: int
+    min_rows: int
+    reference: int | None = None
+    reference_sampled: int | None = None
+    current_sampled: int | None = None
+
+
+class DriftSummary(_Artifact):
+    FILE: ClassVar[str] = "summary.json"
+    LATEST: ClassVar[str] = "latest.json"
+
+    status: Literal["ok", "not_enough_data"]
+    drift_detected: bool
+    created_at: str
+    model: WatchedModel
+    traffic: TrafficWindowSummary
+    rows: DriftRows
+    message: str | None = None
+    checks: DriftChecks | None = None
+    report: dict[str, str] | None = None
+    workspace: str | None = None
+    seconds: dict[str, float] | None = None
+    # Set by the monitoring flow: whether it emitted the drift event, and why (not).
+    event_emitted: bool | None = None
+    trigger: str | None = None
+
+    def table(self) -> list[tuple[str, str, float, float, str]]:
+        """(check, method, score, threshold, drift) per row: each column, then the verdicts."""
+        assert self.checks is not None
+        columns, embedding = self.checks.columns, self.checks.embedding
+        return [
+            *(
+                (name, c.method, c.score, c.threshold, "yes" if c.drifted else "no")
+                for name, c in columns.per_column.items()
+            ),
+            (
+                "drifted columns",
+                "share",
+                columns.share,
+                columns.threshold,
+                f"{'YES' if columns.drift else 'no'} ({columns.drifted}/{columns.of})",
+            ),
+            (
+                "embedding",
+                embedding.method,
+                embedding.score,
+                embedding.threshold,
+                "YES" if embedding.drift else "no",
+            ),
+        ]
+
+    def rows_line(self) -> str:
+        rows = self.rows
+        return (
+            f"rows: reference {rows.reference_sampled or 0:,} (of {rows.reference or 0:,}), "
+            f"current {rows.current_sampled or 0:,} (of {rows.current:,})"
+        )
