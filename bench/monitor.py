@@ -73,7 +73,7 @@ def one_run(args: argparse.Namespace) -> None:
     import evidently.ui.workspace  # noqa: F401  (imported here so `imports` holds their cost)
 
     from lmops.config import override, parse_params, read_raw
-    from tasks import monitor
+    from lmops.tasks import monitor
 
     overrides: dict[str, Any] = {"monitor.window.max_rows": None, "monitor.window.hours": 24}
     if args.unsampled:

@@ -38,7 +38,7 @@ from lmops.stages import (
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "bench" / "recipes.json"
@@ -106,7 +106,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _baseline_val_accuracy(params: Any, validated: Path) -> float:
-    from tasks.evaluate import baseline_proba
+    from lmops.tasks.evaluate import baseline_proba
 
     train = pd.read_parquet(validated / "train.parquet")
     val = pd.read_parquet(validated / "val.parquet")

@@ -73,19 +73,36 @@ def workspace(scratch: Path, name: str, code: Path, model_dir: Path) -> Path:
     return root
 
 
+def importable(code: Path, shim: Path) -> tuple[Path, str]:
+    """A folder to put on PYTHONPATH so that `code` is what imports, and the name of its
+    server module. Since tasks/, flows/ and serving/ install as lmops.tasks, lmops.flows and
+    lmops.serving (pyproject's package-dir), a checkout of that layout needs an lmops/
+    folder that holds them."""
+    if "lmops.serving" not in (code / "pyproject.toml").read_text("utf-8"):
+        return code, "serving.app"  # the older layout: top-level packages
+    package = shim / "lmops"
+    package.mkdir(parents=True, exist_ok=True)
+    for entry in (code / "lmops").iterdir():
+        (package / entry.name).symlink_to(entry)
+    for sub in ("tasks", "flows", "serving"):
+        (package / sub).symlink_to(code / sub)
+    return shim, "lmops.serving.app"
+
+
 def serve_and_load(
     root: Path, code: Path, texts: list[str], seconds: float, port: int
 ) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    path, module = importable(code, root / ".code")
+    env = {**os.environ, "PYTHONPATH": str(path)}
     imported = subprocess.run(
-        [sys.executable, "-c", "import serving.app; print(serving.app.__file__)"],
+        [sys.executable, "-c", f"import {module} as app; print(app.__file__)"],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    assert imported.startswith(str(code)), f"{imported} is not from {code}"
+    assert Path(imported).resolve().is_relative_to(code.resolve()), f"{imported} not in {code}"
     server = subprocess.Popen(
         [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
         cwd=root,

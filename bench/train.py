@@ -30,7 +30,7 @@ def _params(root: Path, profile: str, steps: int) -> Params:
 
 
 def ours(params: Params, root: Path, scratch: Path) -> dict:
-    from tasks import pretrain
+    from lmops.tasks import pretrain
 
     metrics = pretrain.run(
         params.pretrain,
@@ -53,7 +53,7 @@ def hf_trainer(params: Params, root: Path, scratch: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lmops.modeling import language_model, load_tokenizer
-    from tasks.pretrain import _collator, pack
+    from lmops.tasks.pretrain import _collator, pack
 
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     texts = [

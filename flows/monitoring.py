@@ -21,11 +21,11 @@ from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 from prefect.states import Failed
 
-from flows.retry import task_options
 from lmops.artifacts import DriftSummary
 from lmops.atomic import write_json
 from lmops.config import load_params
 from lmops.errors import LmopsError
+from lmops.flows.retry import task_options
 
 EVENT = "lmops.drift.detected"
 LAST_TRIGGER = "last_trigger.json"
@@ -34,7 +34,7 @@ LAST_TRIGGER = "last_trigger.json"
 @task
 def drift_report(project_dir: str, traffic: str | None) -> dict[str, Any] | State:
     """The monitor's run (tasks/monitor.py); a user error is a Failed state with its reason."""
-    from tasks import monitor
+    from lmops.tasks import monitor
 
     root = Path(project_dir)
     try:

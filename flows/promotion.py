@@ -13,13 +13,13 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.retry import task_options
 from lmops import registry
 from lmops.artifacts import ExportManifest
 from lmops.config import load_params
 from lmops.errors import LmopsError
+from lmops.flows.retry import task_options
+from lmops.tasks import promote
 from lmops.workspace import workspace_lock
-from tasks import promote
 
 
 def actor(by: str | None) -> str:

@@ -22,8 +22,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from flows.promotion import actor, promotion
-from flows.retry import task_options
 from lmops import registry
 from lmops.artifacts import DataManifest, ExportManifest, Metrics
 from lmops.config import (
@@ -35,6 +33,8 @@ from lmops.config import (
     resolve_overrides,
 )
 from lmops.errors import LmopsError
+from lmops.flows.promotion import actor, promotion
+from lmops.flows.retry import task_options
 from lmops.stages import (
     METRICS,
     MODEL_CARD,
@@ -43,8 +43,8 @@ from lmops.stages import (
     VALIDATED_DIR,
     VALIDATION_DOCS_DIR,
 )
+from lmops.tasks.stages import STAGES
 from lmops.workspace import workspace_lock
-from tasks.stages import STAGES
 
 
 def _dvc_env() -> dict[str, str]:

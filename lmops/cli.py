@@ -42,8 +42,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _log_to_console() -> None:
     """Our packages log at INFO on stderr; libraries stay at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    for package in ("lmops", "tasks", "flows", "serving"):
-        logging.getLogger(package).setLevel(logging.INFO)
+    logging.getLogger("lmops").setLevel(logging.INFO)
 
 
 ProfileOption = Annotated[
@@ -75,7 +74,7 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
             "smoke-test profile should do this.",
             err=True,
         )
-    from flows.training import training
+    from lmops.flows.training import training
 
     result = _prefect_run(
         lambda: training(profile=profile, overrides=set_ or [], project_dir=str(root))
@@ -143,7 +142,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml.")]) -> None:
     """Run one stage from params.yaml: what each stage's `cmd` in dvc.yaml calls."""
     from lmops.config import load_params
-    from tasks.stages import STAGES
+    from lmops.tasks.stages import STAGES
 
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
@@ -263,8 +262,8 @@ def promote(
 ) -> None:
     """Run the promotion flow: VERSION against prod on the same test split; staging then
     prod when every gate passes. Exit code 1 when a gate fails (nothing changes then)."""
-    from flows.promotion import promotion
     from lmops import registry
+    from lmops.flows.promotion import promotion
 
     _log_to_console()
     result = _prefect_run(
@@ -320,8 +319,8 @@ def serve(
     Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
     from lmops.config import load_params
     from lmops.engine import Engine
-    from serving.app import create_app, run_server
-    from serving.swap import Following
+    from lmops.serving.app import create_app, run_server
+    from lmops.serving.swap import Following
 
     _log_to_console()
     root = Path.cwd()
@@ -331,7 +330,7 @@ def serve(
         engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
     else:
         from lmops.registry import stage_resolver
-        from serving import stage as stage_serving
+        from lmops.serving import stage as stage_serving
 
         resolve = stage_resolver(root, stage)  # checks the stage's name first
         load = stage_serving.loader(root, cfg)
@@ -370,7 +369,7 @@ def monitor(
     import json
 
     from lmops.config import load_params
-    from tasks import monitor as drift
+    from lmops.tasks import monitor as drift
 
     _log_to_console()
     root = Path.cwd()

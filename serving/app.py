@@ -31,17 +31,17 @@ from pydantic import BaseModel, StrictStr
 
 from lmops.config import ServeConfig
 from lmops.engine import Engine
-from serving.batcher import MicroBatcher, Overloaded, TextRejected
-from serving.protocol import (
+from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
+from lmops.serving.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
     ProtocolError,
     infer_response,
     parse_infer,
 )
-from serving.stats import InferenceStats
-from serving.swap import Following, LiveModel, StageWatcher
-from serving.traffic import TrafficLog
+from lmops.serving.stats import InferenceStats
+from lmops.serving.swap import Following, LiveModel, StageWatcher
+from lmops.serving.traffic import TrafficLog
 
 log = logging.getLogger(__name__)
 

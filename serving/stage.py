@@ -17,7 +17,7 @@ from lmops import registry
 from lmops.config import ServeConfig
 from lmops.engine import CorruptModel, Engine
 from lmops.errors import LmopsError
-from serving.swap import Loader, describe
+from lmops.serving.swap import Loader, describe
 
 log = logging.getLogger(__name__)
 

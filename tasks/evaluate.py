@@ -336,7 +336,7 @@ def run(
         transformer_only = classification_metrics(targets, transformer_probs, cfg, lengths)
     ablation = None
     if cfg.ablation:
-        from tasks.finetune import train_classifier
+        from lmops.tasks.finetune import train_classifier
 
         scratch_model, _ = train_classifier(
             finetune_cfg, model_cfg, load_tokenizer(tokenizer_dir), labels, train, val, None, None

@@ -34,13 +34,13 @@ from lmops.stages import (
 
 
 def _ingest(params: Params, root: Path) -> Any:
-    from tasks import ingest
+    from lmops.tasks import ingest
 
     return ingest.run(params.data, root, root / INGESTED_DIR, root / INGEST_METRICS)
 
 
 def _validate(params: Params, root: Path) -> Any:
-    from tasks import validate
+    from lmops.tasks import validate
 
     return validate.run(
         params.validation,
@@ -54,7 +54,7 @@ def _validate(params: Params, root: Path) -> Any:
 
 def _tokenizer(params: Params, root: Path) -> Any:
     from lmops.modeling import init_checkpoint
-    from tasks import tokenizer
+    from lmops.tasks import tokenizer
 
     return tokenizer.run(
         params.tokenizer,
@@ -68,7 +68,7 @@ def _tokenizer(params: Params, root: Path) -> Any:
 
 def _pretrain(params: Params, root: Path) -> Any:
     from lmops.modeling import init_checkpoint
-    from tasks import pretrain
+    from lmops.tasks import pretrain
 
     return pretrain.run(
         params.pretrain,
@@ -85,7 +85,7 @@ def _pretrain(params: Params, root: Path) -> Any:
 
 
 def _finetune(params: Params, root: Path) -> Any:
-    from tasks import finetune
+    from lmops.tasks import finetune
 
     return finetune.run(
         params.finetune,
@@ -100,7 +100,7 @@ def _finetune(params: Params, root: Path) -> Any:
 
 
 def _evaluate(params: Params, root: Path) -> Any:
-    from tasks import evaluate
+    from lmops.tasks import evaluate
 
     return evaluate.run(
         params.evaluate,
@@ -116,7 +116,7 @@ def _evaluate(params: Params, root: Path) -> Any:
 
 
 def _export(params: Params, root: Path) -> Any:
-    from tasks import export
+    from lmops.tasks import export
 
     return export.run(
         params.export,

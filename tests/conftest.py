@@ -197,7 +197,7 @@ def tiny_raw(raw: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_validated(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Validated-shape tables from a real ingest of the tiny profile's sample."""
-    from tasks import ingest
+    from lmops.tasks import ingest
 
     root = tmp_path_factory.mktemp("tiny-data")
     params = parse_params(tiny_raw(repo_params_raw))
@@ -209,7 +209,7 @@ def build_tiny_classifier(
     raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert", seed: int = 0
 ) -> dict[str, Path]:
     """Tokenizer, pretrained LM and fine-tuned classifier of the tiny profile, in `root`."""
-    from tasks import finetune, pretrain, tokenizer
+    from lmops.tasks import finetune, pretrain, tokenizer
 
     params = params_with(
         tiny_raw(raw), model__architecture=architecture, pretrain__seed=seed, finetune__seed=seed
@@ -245,7 +245,7 @@ def tiny_export(
 ) -> Callable[[int], Path]:
     """`tiny_export(seed)`: the ONNX export (a models/onnx folder) of a tiny classifier trained
     from that seed, built once per session; different seeds give different answers."""
-    from tasks import export
+    from lmops.tasks import export
 
     built: dict[int, Path] = {}
 

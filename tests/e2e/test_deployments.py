@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 from tests.conftest import (
     BIN_DIR,
     free_port,

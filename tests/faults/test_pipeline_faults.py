@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.training import _run_streaming
+from lmops.flows.training import _run_streaming
 
 pytestmark = pytest.mark.faults
 
@@ -61,7 +61,7 @@ def test_changed_data_never_resumes_a_stale_pretraining_checkpoint(
     import pandas as pd
     import yaml
 
-    from tasks import tokenizer
+    from lmops.tasks import tokenizer
     from tests.conftest import params_with, tiny_raw, tool_env
 
     raw = tiny_raw(repo_params_raw)
@@ -100,7 +100,7 @@ def test_changed_data_never_resumes_a_stale_pretraining_checkpoint(
 RETRIED_FLOW = """
 import json
 from prefect import flow, task
-from flows.retry import task_options
+from lmops.flows.retry import task_options
 from lmops.config import OrchestrationConfig
 from lmops.errors import DataError
 

@@ -246,7 +246,7 @@ def test_traffic_log_folder_gone_at_rotation_recovers(tmp_path: Path) -> None:
     """Rotation (here by size) while the folder is gone: later records land in a new file
     in the recreated folder; before, every later write failed for good."""
     from lmops.engine import Prediction
-    from serving.traffic import TrafficLog
+    from lmops.serving.traffic import TrafficLog
 
     folder = tmp_path / "traffic"
     log = TrafficLog(folder, store_text=True, rotate_mb=0.001)  # ~1 KB files

@@ -14,7 +14,7 @@ import pytest
 from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.sources import read_corpus, read_labelled
 from lmops.stages import METRICS, ONNX_DIR, TOKENIZER_METRICS
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # trains a model through every stage

@@ -35,9 +35,9 @@ from pathlib import Path
 import uvicorn
 
 from lmops.config import load_params
-from serving.app import create_app
+from lmops.serving.app import create_app
 from lmops.engine import Engine
-from serving.swap import Following
+from lmops.serving.swap import Following
 
 root, pointer, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")

@@ -21,7 +21,7 @@ import yaml
 
 from lmops.config import load_params, override
 from lmops.simulate import news_sentences
-from tasks.monitor import reference_model
+from lmops.tasks.monitor import reference_model
 from tests.conftest import (
     REPO_ROOT,
     free_port,
@@ -160,7 +160,7 @@ def test_simulate_traffic_without_a_server_is_one_clear_line(
 def _flow(root: Path, env: dict[str, str]) -> dict[str, Any]:
     out = root / f"flow-result-{time.monotonic_ns()}.json"
     code = (
-        "import json, sys; from flows.monitoring import monitoring; "
+        "import json, sys; from lmops.flows.monitoring import monitoring; "
         "open(sys.argv[2], 'w').write(json.dumps(monitoring(project_dir=sys.argv[1])))"
     )
     result = subprocess.run(

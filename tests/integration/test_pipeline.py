@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 from tests.conftest import latest_artifact, tiny_git_project, tool_env, tree_digest
 
 pytestmark = pytest.mark.e2e

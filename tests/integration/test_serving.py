@@ -250,7 +250,7 @@ def test_traffic_log_records_every_prediction(server: str, workspace: Path) -> N
 
 def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> None:
     from lmops.engine import Prediction
-    from serving.traffic import TrafficLog
+    from lmops.serving.traffic import TrafficLog
 
     log = TrafficLog(tmp_path, store_text=False, rotate_mb=1)
     log.append("r", ["secret review"], [Prediction("positive", 0.9, {}, "v")], 1.0)
@@ -284,7 +284,7 @@ def test_require_gpu_refuses_to_start_without_cuda(workspace: Path, engine: Engi
 
 def test_serving_code_imports_no_heavy_library() -> None:
     probe = (
-        "import sys, lmops.cli, serving.app, lmops.engine; "
+        "import sys, lmops.cli, lmops.serving.app, lmops.engine; "
         "print(sorted({'torch', 'transformers', 'great_expectations', 'evidently'} "
         "& set(sys.modules)))"
     )

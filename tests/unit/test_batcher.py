@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving.batcher import MicroBatcher, Overloaded, TextRejected
+from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
 
 
 def _slow_echo(calls: list[int]):

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from tasks import export
+from lmops.tasks import export
 from tests.conftest import build_tiny_classifier, params_with, tiny_raw
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from lmops.tasks.pretrain import lm_flops_per_token
 from lmops.trainloop import LossOutput, device_peak_flops, matmul_precision, peak_flops
-from tasks.pretrain import lm_flops_per_token
 from tests.conftest import params_with, tiny_raw
 
 LAYERS, HIDDEN, INTERMEDIATE, SEQ, VOCAB, MASK = 1, 32, 64, 32, 1000, 0.15
@@ -179,8 +179,8 @@ def test_training_forwards_return_one_class_built_once() -> None:
     from transformers import BertForMaskedLM
 
     from lmops.classifier import new_classifier
-    from tasks.finetune import _with_loss
-    from tasks.pretrain import masked_positions_only
+    from lmops.tasks.finetune import _with_loss
+    from lmops.tasks.pretrain import masked_positions_only
 
     torch.manual_seed(0)
     ids = torch.randint(5, VOCAB, (2, SEQ))
@@ -206,7 +206,7 @@ def tiny_params(repo_params_raw: dict) -> Any:
 def tokenizer_dir(
     tiny_params: Any, tiny_validated: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    from tasks import tokenizer
+    from lmops.tasks import tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     tokenizer.run(
@@ -228,7 +228,7 @@ def test_both_stages_report_mfu_where_a_peak_is_known(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A CPU has no known peak: pretend one (1 GFLOP/s) to see the figures reach the logs."""
-    from tasks import finetune, pretrain
+    from lmops.tasks import finetune, pretrain
 
     peak = 1e9
     monkeypatch.setattr(pretrain, "device_peak_flops", lambda _: peak)

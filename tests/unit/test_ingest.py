@@ -10,7 +10,7 @@ import pytest
 
 from lmops.errors import DataError
 from lmops.sources import _strip_segmentation_tags, read_corpus
-from tasks import ingest
+from lmops.tasks import ingest
 from tests.conftest import params_with
 
 pytestmark = pytest.mark.data

@@ -22,7 +22,7 @@ from lmops.stages import (
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 from tests.conftest import params_with, tiny_raw
 
 

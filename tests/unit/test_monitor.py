@@ -25,7 +25,7 @@ from lmops.engine import Engine
 from lmops.errors import DataError
 from lmops.simulate import news_sentences
 from lmops.sources import read_labelled
-from tasks import monitor
+from lmops.tasks import monitor
 from tests.conftest import REPO_ROOT, params_with, traffic_record, write_traffic
 
 REFERENCE_ROWS = 1000

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.training import _run_streaming
 from lmops.errors import LmopsError
+from lmops.flows.training import _run_streaming
 from lmops.workspace import LOCK_FILE, workspace_lock
 
 

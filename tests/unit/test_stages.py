@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lmops import stages
-from tasks.stages import STAGES
+from lmops.tasks.stages import STAGES
 from tests.conftest import REPO_ROOT
 
 DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
@@ -33,8 +33,12 @@ def _project_imports(path: Path) -> set[str]:
         else:
             continue
         for name in names:
-            module = Path(name.replace(".", "/") + ".py")
-            if name.split(".")[0] in ("lmops", "tasks") and (REPO_ROOT / module).is_file():
+            # lmops.tasks.x lives in tasks/x.py (pyproject's package-dir), lmops.x in lmops/.
+            parts = name.split(".")
+            if parts[:2] == ["lmops", "tasks"]:
+                parts = parts[1:]
+            module = Path("/".join(parts) + ".py")
+            if parts[0] in ("lmops", "tasks") and (REPO_ROOT / module).is_file():
                 found.add(module.as_posix())
     return found
 

@@ -13,8 +13,8 @@ import pytest
 
 from lmops.engine import Engine
 from lmops.errors import LmopsError
-from serving.app import Metrics
-from serving.swap import MAX_BACKOFF_POLLS, LiveModel, StageWatcher
+from lmops.serving.app import Metrics
+from lmops.serving.swap import MAX_BACKOFF_POLLS, LiveModel, StageWatcher
 
 
 def _load(version: str, model_dir: Path) -> Engine:

@@ -19,7 +19,7 @@ import yaml
 from lmops.calibration import expected_calibration_error
 from lmops.config import Params
 from lmops.errors import ConfigError, DataError
-from tasks import evaluate, finetune, pretrain, tokenizer
+from lmops.tasks import evaluate, finetune, pretrain, tokenizer
 from tests.conftest import params_with, tiny_raw, tool_env
 
 

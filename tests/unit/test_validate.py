@@ -13,7 +13,7 @@ import pytest
 
 from lmops.artifacts import SourceSummary
 from lmops.errors import ValidationFailed
-from tasks import ingest, validate
+from lmops.tasks import ingest, validate
 from tests.conftest import params_with, tree_digest
 
 pytestmark = pytest.mark.data
