@@ -15,8 +15,8 @@ UI_PORT ?= 4200
 PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
 POOL := lmops
 
-.PHONY: install run serve monitor monitor-ui ui deploy worker test test-fast test-code test-data \
-	test-model test-faults test-e2e fuzz lint format repro status clean
+.PHONY: install browser run serve monitor monitor-ui ui deploy worker test test-fast test-code \
+	test-data test-model test-faults test-e2e fuzz lint format repro status clean
 
 install: $(INSTALLED)
 
@@ -44,8 +44,10 @@ monitor-ui: install
 	$(BIN)/evidently ui --workspace reports/drift/workspace --host 127.0.0.1 --port 8001
 
 # The Prefect server and its UI at http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it).
+# The UI asks the API at PREFECT_UI_API_URL, which Prefect would leave at port 4200.
 ui: install
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(UI_PORT)
+	PREFECT_UI_API_URL=$(PREFECT_UI_API) $(BIN)/prefect server start --host 127.0.0.1 \
+		--port $(UI_PORT)
 
 # The deployments of deployments/prefect.yaml on the `process` work pool (server: `make ui`).
 deploy: install
@@ -58,9 +60,18 @@ deploy: install
 worker: install
 	PREFECT_API_URL=$(PREFECT_UI_API) $(BIN)/prefect worker start --pool $(POOL) --type process
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The browser tests (tests/e2e/test_browser.py) drive Debian's chromium, headless; as root
+# it is installed from Debian's packages when missing (about a minute), else they say so.
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && { \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "warning: chromium is missing and could not be installed (root and Debian's" \
+		"packages needed): the browser tests will fail"
 
 # Between edits: the code and data families less what is `slow` (anything that ingests the
 # builtin data, trains, serves, or takes 10 s on its own); about a minute on 2 busy cores.

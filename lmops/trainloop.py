@@ -7,6 +7,8 @@ stage code runs on a CPU, one GPU, or several under `accelerate launch` / `torch
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lmops.config import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -97,7 +101,22 @@ def live_logger(directory: Path, resume: bool) -> Any:
     its outputs), so `dvc status` stays clean."""
     from dvclive import Live
 
+    if resume:
+        _drop_cut_summary(directory / "metrics.json")
     return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _drop_cut_summary(summary: Path) -> None:
+    """A kill while DVCLive rewrote its summary (not atomically) leaves it empty or cut
+    short, and DVCLive's resume would fail reading it. The callers set the step they
+    resume from themselves, so a broken summary is only dropped."""
+    try:
+        json.loads(summary.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (ValueError, UnicodeDecodeError):
+        log.warning("trainloop: %s was cut short by a kill; starting it afresh", summary)
+        summary.unlink()
 
 
 def flops_per_token(

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, ORJSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,11 +29,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, StrictStr
+from pydantic import BaseModel, Field, StrictStr
 
 from lmops.config import ServeConfig
 from lmops.engine import Engine
 from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
+from lmops.serving.pages import EXAMPLE_TEXTS, landing_page
 from lmops.serving.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -56,8 +59,33 @@ class ClientError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
+OPENAPI_DESCRIPTION = (
+    "An lmops model behind ONNX Runtime. `POST /v1/predict` takes plain texts; the "
+    "`/v2` endpoints speak the Open Inference Protocol as Triton and KServe do (tritonclient "
+    "works against them). Scores are calibrated (temperature scaling)."
+)
+PREDICT_EXAMPLE = {
+    "model": "lmops",
+    "version": "v0.0.1",
+    "request_id": "5f0c…",
+    "predictions": [
+        {
+            "label": "positive",
+            "score": 0.93,
+            "probabilities": {"negative": 0.07, "positive": 0.93},
+            "model_version": "v0.0.1",
+        }
+    ],
+}
+
+
 class PredictRequest(BaseModel):
-    texts: list[StrictStr]
+    """Texts to classify; each is answered in the same order."""
+
+    texts: list[StrictStr] = Field(
+        description="Plain texts, at most serve.max_texts_per_request of them.",
+        examples=[EXAMPLE_TEXTS],
+    )
 
 
 class BodyLimit:
@@ -324,7 +352,24 @@ def create_app(
         await batcher.drain()
         traffic.close()
 
-    app = FastAPI(title="lmops", lifespan=lifespan)
+    # /docs from Swagger UI's files in the fastapi-offline package. No /redoc: its bundle
+    # fetches Redocly's logo from a CDN (tests/e2e/test_browser.py caught it).
+    app = FastAPIOffline(title="lmops", redoc_url=None, lifespan=lifespan)
+
+    def openapi() -> dict[str, Any]:
+        """The schema, its version the served model's (it changes with a hot swap)."""
+        version = live_model.engine.version
+        if app.openapi_schema is None or app.openapi_schema["info"]["version"] != version:
+            app.openapi_schema = get_openapi(
+                title=f"lmops: {cfg.model_name}",
+                version=version,
+                summary="Text classification on ONNX Runtime",
+                description=OPENAPI_DESCRIPTION,
+                routes=app.routes,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.ready = False
     # Set by the first SIGTERM (DrainingServer): not ready, still answering.
     app.state.draining = False
@@ -408,8 +453,31 @@ def create_app(
         given = request.headers.get("x-request-id")
         return _checked_id(given, "x-request-id") if given else uuid.uuid4().hex
 
-    @app.post("/v1/predict", dependencies=[Depends(_require_json)])
+    @app.get("/", include_in_schema=False)
+    async def landing(request: Request) -> HTMLResponse:
+        engine = live_model.engine
+        return HTMLResponse(
+            landing_page(
+                cfg.model_name,
+                engine.version,
+                engine.labels,
+                engine.variant,
+                engine.providers,
+                stage_status(),
+                str(request.base_url).rstrip("/"),
+            )
+        )
+
+    @app.post(
+        "/v1/predict",
+        dependencies=[Depends(_require_json)],
+        responses={200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}}},
+    )
     async def v1_predict(body: PredictRequest, request: Request) -> ORJSONResponse:
+        """The label and the calibrated probability of every label, for each text.
+
+        A text the model cannot take gets a 422 naming its index; over-long requests 413;
+        a full queue 503 with Retry-After. `x-request-id` is echoed and logged."""
         request_id = _request_id(request)
         predictions = await predict(body.texts, request_id)
         return ORJSONResponse(

@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 # Behavioural checks (Made-With-ML's families) for the default sentiment labels.
 SENTIMENT_LABELS = ["negative", "positive"]
+# The pictures every evaluation draws (tasks/plots.py), by file in reports/plots/.
+PICTURES = [
+    ("confusion.png", "Confusion matrix"),
+    ("roc.png", "ROC"),
+    ("reliability.png", "Reliability before and after calibration"),
+    ("slices.png", "Accuracy by text length, model and baseline"),
+    ("curves_finetune.png", "Fine-tuning loss"),
+]
 INVARIANT_SUFFIXES = ["。", "!"]
 NEGATIVE_SUFFIX = "非常失望。"
 OBVIOUS_CASES = [
@@ -273,8 +281,38 @@ def _model_card(
         "product types) is unknown and should be monitored.",
         "- Texts longer than the model's sequence length are truncated.",
         "- See `reports/metrics.json` for slices by length and behavioural checks.",
+        "",
+        "## Plots",
+        "",
+        *(f"![{title}](plots/{name})" for name, title in PICTURES),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pictures(
+    plots_dir: Path,
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    labels: list[str],
+    roc_rows: list[dict[str, Any]],
+    reliability: dict[str, list[dict[str, Any]]],
+    metrics: Metrics,
+    live_dirs: dict[str, Path],
+) -> None:
+    """PNG images beside the plot data (tasks/plots.py), named in PICTURES."""
+    from lmops.tasks import plots
+
+    calibration = metrics.calibration
+    assert calibration is not None
+    plots.confusion(targets, predicted, labels, plots_dir / "confusion.png")
+    plots.roc(roc_rows, metrics.model.roc_auc, plots_dir / "roc.png")
+    ece = dict(
+        zip(reliability, (calibration.test_ece_before, calibration.test_ece_after), strict=True)
+    )
+    plots.reliability(reliability, ece, plots_dir / "reliability.png")
+    plots.slices(metrics.model, metrics.baseline, plots_dir / "slices.png")
+    for stage, live in live_dirs.items():
+        plots.curves(live, f"{stage} (DVCLive)", plots_dir / f"curves_{stage}.png")
 
 
 def run(
@@ -287,7 +325,10 @@ def run(
     metrics_path: Path,
     plots_dir: Path,
     model_card_path: Path,
+    live_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
+    """Score the model and the baseline on test; write metrics, plots, pictures and the card.
+    `live_dirs` names the DVCLive folders whose training curves are drawn (by stage)."""
     from lmops.classifier import load
 
     started = time.perf_counter()
@@ -375,12 +416,24 @@ def run(
             for t, p in zip(targets, predicted, strict=True)
         ],
     )
-    write_json(plots_dir / "roc.json", _roc_rows(targets, probs, labels))
-    for which, scores in (("before", raw_probs), ("after", probs)):
-        write_json(
-            plots_dir / f"reliability_{which}.json",
-            reliability_rows(targets, scores, bins, f"{which} calibration"),
-        )
+    roc_rows = _roc_rows(targets, probs, labels)
+    write_json(plots_dir / "roc.json", roc_rows)
+    reliability = {
+        f"{which} calibration": reliability_rows(targets, scores, bins, f"{which} calibration")
+        for which, scores in (("before", raw_probs), ("after", probs))
+    }
+    for name, rows in reliability.items():
+        write_json(plots_dir / f"reliability_{name.split()[0]}.json", rows)
+    _pictures(
+        plots_dir,
+        targets,
+        predicted,
+        labels,
+        roc_rows,
+        reliability,
+        metrics,
+        live_dirs or {},
+    )
     model_card_path.write_text(
         _model_card(
             metrics,

@@ -112,6 +112,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         metrics_path=root / METRICS,
         plots_dir=root / PLOTS_DIR,
         model_card_path=root / MODEL_CARD,
+        live_dirs={"pretrain": root / PRETRAIN_LIVE, "finetune": root / FINETUNE_LIVE},
     )
 
 

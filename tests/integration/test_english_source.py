@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmops.artifacts import ExportManifest, Metrics
 from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.sources import read_corpus, read_labelled
 from lmops.stages import METRICS, ONNX_DIR, TOKENIZER_METRICS
@@ -40,13 +41,13 @@ def test_english_reviews_with_their_own_labels_run_end_to_end(english_project: P
     for stage in STAGES:
         STAGES[stage](params, english_project)
 
-    metrics = json.loads((english_project / METRICS).read_text("utf-8"))
-    assert metrics["labels"] == ["fresh", "rotten"]
-    assert metrics["baseline"]["accuracy"] > 0.6  # English TF-IDF learns from 1,200 snippets
-    assert 0.0 <= metrics["model"]["accuracy"] <= 1.0
-    assert metrics["behavioural"] is None  # the Chinese sentiment checks do not apply
+    metrics = Metrics.read(english_project / METRICS)
+    assert metrics.labels == ["fresh", "rotten"]
+    assert metrics.baseline.accuracy > 0.6  # English TF-IDF learns from 1,200 snippets
+    assert 0.0 <= metrics.model.accuracy <= 1.0
+    # The Chinese sentiment checks do not apply, and so gate nothing.
+    assert metrics.behavioural is None and metrics.gates.behavioural is None
     tokenizer = json.loads((english_project / TOKENIZER_METRICS).read_text("utf-8"))
     assert tokenizer["val_unknown_token_rate"] < 0.01
-    manifest = json.loads((english_project / ONNX_DIR / "manifest.json").read_text("utf-8"))
-    assert manifest["labels"] == ["fresh", "rotten"]
+    assert ExportManifest.of(english_project / ONNX_DIR).labels == ["fresh", "rotten"]
     shutil.rmtree(english_project / "models")

@@ -209,6 +209,7 @@ def test_finetune_and_evaluate_against_the_baseline(
         tmp_path / "metrics.json",
         tmp_path / "plots",
         tmp_path / "card.md",
+        live_dirs={"finetune": tmp_path / "ft-live", "pretrain": tmp_path / "no-such-live"},
     )
     calibration = metrics["calibration"]
     assert (
@@ -239,7 +240,9 @@ def test_finetune_and_evaluate_against_the_baseline(
     gates = metrics["gates"]
     beats = gates["beats_baseline"]
     assert gates["passed"] == (
-        gates["min_accuracy"]["passed"] and (beats["passed"] or beats["relaxed"])
+        gates["min_accuracy"]["passed"]
+        and (beats["passed"] or beats["relaxed"])
+        and all(gate["passed"] for gate in gates["behavioural"].values())
     )
     assert "pretraining_gain" in metrics["ablation_no_pretraining"]
     paired = beats["paired"]
@@ -253,6 +256,13 @@ def test_finetune_and_evaluate_against_the_baseline(
     card = (tmp_path / "card.md").read_text("utf-8")
     assert "TF-IDF + LR baseline" in card and "Gates:" in card and "95% CI" in card
     assert ("| transformer alone |" in card) == ngrams
+    from PIL import Image
+
+    for name, _ in evaluate.PICTURES:  # real images, each linked from the card
+        with Image.open(tmp_path / "plots" / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 300, name
+        assert f"(plots/{name})" in card
+    assert not (tmp_path / "plots" / "curves_pretrain.png").exists()  # it logged nothing
 
 
 def test_expected_calibration_error_of_a_perfectly_calibrated_model() -> None:
@@ -386,3 +396,15 @@ def test_pretraining_nobody_uses_is_skipped_with_its_reason(
     assert metrics == {"objective": "none (finetune.from_pretrained is false)", "steps": 0}
     for out in ("pretrained", "live"):
         assert json.loads((tmp_path / out / "skipped.json").read_text("utf-8")) == metrics
+
+
+def test_resuming_survives_a_dvclive_summary_cut_short_by_a_kill(tmp_path: Path) -> None:
+    """SIGKILL while DVCLive rewrote metrics.json leaves it empty: the resume must start."""
+    from lmops.trainloop import live_logger
+
+    (tmp_path / "metrics.json").write_text("", "utf-8")
+    live = live_logger(tmp_path, resume=True)
+    live.step = 50
+    live.log_metric("train/loss", 1.0)
+    live.next_step()
+    assert json.loads((tmp_path / "metrics.json").read_text("utf-8"))["step"] == 50
