@@ -195,9 +195,18 @@ def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
 
 
 def _registry_markdown(root: Path, registered: dict[str, Any], promoted: dict | None) -> str:
+    version = registered["version"]
+    commit = registry.commit_of(root, version)
     lines = [
-        f"# Registry\n\nThis run's model is **{registered['version']}** "
+        f"# Registry\n\nThis run's model is **{version}** "
         f"({'newly registered' if registered['new'] else 'already registered: nothing changed'}).",
+        "",
+        f"- tag `{registry.ARTIFACT}@{version}` on commit `{commit[:12]}` (its dvc.lock pins the "
+        f"export)",
+        f"- model: `{root / ONNX_DIR}` in this workspace; any clone: "
+        f"`lmops models` lists it, the registry fetches it from DVC",
+        "- serve it: `lmops serve --stage prod` (follows prod) or `make serve` (this workspace's "
+        "export)",
         "",
         "| stage | version |",
         "|---|---|",

@@ -340,9 +340,23 @@ class Metrics(_Artifact):
             ),
         ]
 
+    def verdict(self) -> str:
+        """The one sentence a reader wants first: does the model beat its baseline?"""
+        beats = self.gates.beats_baseline
+        paired = beats.paired
+        figures = (
+            f"test accuracy {self.model.accuracy:.4f} against {self.baseline.accuracy:.4f}, "
+            f"{beats.margin * 100:+.2f} points ({paired.confidence:.0%} CI "
+            f"[{paired.ci_low * 100:+.2f}, {paired.ci_high * 100:+.2f}]: {paired.reading})"
+        )
+        if beats.passed:
+            return f"**The served model beats the TF-IDF + LR baseline**: {figures}."
+        relaxed = " The profile relaxes this gate (a smoke test)." if beats.relaxed else ""
+        return f"**The served model does not beat the TF-IDF + LR baseline**: {figures}.{relaxed}"
+
     def markdown(self) -> str:
-        """The table and the gates' verdict: what a run's summary shows."""
-        lines = [*self.table(), "", f"Gates: {self.gates.text()}"]
+        """The verdict, the table and the gates: what a run's summary shows."""
+        lines = [self.verdict(), "", *self.table(), "", f"Gates: {self.gates.text()}"]
         if self.ablation_no_pretraining is not None:
             gain = self.ablation_no_pretraining.pretraining_gain
             lines += [

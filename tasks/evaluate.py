@@ -260,6 +260,8 @@ def _model_card(
         f"- corpus: `{manifest.corpus.spec}`, {manifest.rows['corpus']:,} documents",
         "",
         "## Test metrics",
+        metrics.verdict(),
+        "",
         *metrics.table(),
         "",
         f"Gates: {metrics.gates.text()}"

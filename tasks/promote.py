@@ -220,6 +220,11 @@ def relative_gates(
     ]
 
 
+def cell(value: Any) -> str:
+    """A markdown table cell: a `|` in the text (`|logit diff|`) would split the row."""
+    return str(value).replace("|", "\\|")
+
+
 def markdown(
     challenger: str, champion: str | None, measured: dict[str, Any], gates: list[dict]
 ) -> str:
@@ -236,11 +241,15 @@ def markdown(
             for v, m in models.items()
         ),
         "",
+        "Measured here as a CPU server runs each version: the variant its manifest recommends "
+        "(int8 where it passed parity). The evaluation's figures (reports/metrics.json, the "
+        "model card) are the PyTorch model's, so the two can differ by the quantisation.",
+        "",
         "| gate | verdict | value | needed | note |",
         "|---|---|---|---|---|",
         *(
-            f"| {g['gate']} | {'pass' if g['passed'] else '**FAIL**'} | {g['value']} | "
-            f"{g['threshold']} | {g['note']} |"
+            f"| {g['gate']} | {'pass' if g['passed'] else '**FAIL**'} | {cell(g['value'])} | "
+            f"{cell(g['threshold'])} | {cell(g['note'])} |"
             for g in gates
         ),
     ]
