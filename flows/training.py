@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from lmops.stages import (
     VALIDATION_DOCS_DIR,
 )
 from lmops.tasks.stages import STAGES
+from lmops.trainloop import PROGRESS_ENV, PROGRESS_PREFIX, progress_mode
 from lmops.workspace import workspace_lock
 
 
@@ -56,15 +58,22 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
-def _run_streaming(command: list[str], cwd: Path, timeout_s: float) -> tuple[str, int]:
-    """Run a command, passing its output (progress bars included) through to the console
-    as it comes, and return it all with the exit code. Past `timeout_s` its whole process
-    group is killed: `dvc repro` runs the stage as a child, which would otherwise live on,
-    holding the pipe open, and the flow would wait for it."""
+def _run_streaming(
+    command: list[str],
+    cwd: Path,
+    timeout_s: float,
+    on_progress: Callable[[str], None] | None = None,
+) -> tuple[str, int]:
+    """Run a command, passing its output (progress included) through to the console as it
+    comes, and return it all with the exit code. Its progress is bars when the console is
+    a terminal, else log lines, each also handed to `on_progress` (the Prefect run log).
+    Past `timeout_s` its whole process group is killed: `dvc repro` runs the stage as a
+    child, which would otherwise live on, holding the pipe open, and the flow would wait
+    for it."""
     process = subprocess.Popen(
         command,
         cwd=cwd,
-        env=_dvc_env(),
+        env={**_dvc_env(), PROGRESS_ENV: progress_mode()},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -78,12 +87,18 @@ def _run_streaming(command: list[str], cwd: Path, timeout_s: float) -> tuple[str
 
     timer = threading.Timer(timeout_s, kill_group)
     timer.start()
-    chunks = []
+    chunks, pending = [], b""
     try:
         while chunk := process.stdout.read1(65536):
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
             chunks.append(chunk)
+            if on_progress is not None:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    text = line.decode("utf-8", errors="replace").strip()
+                    if text.startswith(PROGRESS_PREFIX):
+                        on_progress(text.removeprefix(PROGRESS_PREFIX))
         returncode = process.wait()
     finally:
         timer.cancel()
@@ -128,7 +143,10 @@ def reproduce_stage(stage: str, project_dir: str, timeout_s: float) -> dict[str,
     logger = get_run_logger()
     root = Path(project_dir)
     output, returncode = _run_streaming(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root, timeout_s
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        root,
+        timeout_s,
+        on_progress=logger.info,
     )
     if returncode != 0:
         logger.error(

@@ -197,3 +197,75 @@ def device_peak_flops(accelerator: Any) -> float | None:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+# "bars" (tqdm, for a terminal) or "lines" (a log line every PROGRESS_EVERY_S seconds, for
+# log files, CI and the Prefect UI). Unset: bars when stderr is a terminal. The training
+# flow sets it for the stages it runs, whose output is a pipe even under a terminal.
+PROGRESS_ENV = "LMOPS_PROGRESS"
+PROGRESS_EVERY_S = 15.0
+PROGRESS_PREFIX = "progress: "
+
+
+def progress_mode() -> str:
+    import os
+    import sys
+
+    wanted = os.environ.get(PROGRESS_ENV, "")
+    if wanted in ("bars", "lines"):
+        return wanted
+    return "bars" if sys.stderr.isatty() else "lines"
+
+
+class LineProgress:
+    """tqdm's interface where it is used here (iterate, set_postfix), as periodic log lines
+    with the rate and an ETA instead of a redrawn bar: `make run > log` used to write
+    156 KB of carriage-return frames."""
+
+    def __init__(self, iterable: Any, desc: str, total: int, initial: int = 0) -> None:
+        self.iterable, self.desc, self.total, self.n = iterable, desc, total, initial
+        self.postfix = ""
+        self.silent = False
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def __iter__(self) -> Any:
+        import time
+
+        started = last = time.monotonic()
+        first = self.n
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.monotonic()
+            if not self.silent and (now - last >= PROGRESS_EVERY_S or self.n == self.total):
+                last = now
+                rate = (self.n - first) / max(now - started, 1e-9)
+                left = (self.total - self.n) / rate if rate > 0 else 0.0
+                log.info(
+                    "%s%s %d/%d (%.0f%%)%s, %.1f it/s, ETA %d:%02d",
+                    PROGRESS_PREFIX,
+                    self.desc,
+                    self.n,
+                    self.total,
+                    100 * self.n / max(self.total, 1),
+                    f", {self.postfix}" if self.postfix else "",
+                    rate,
+                    left // 60,
+                    left % 60,
+                )
+
+
+def progress(
+    iterable: Any, desc: str, total: int | None = None, initial: int = 0, disable: bool = False
+) -> Any:
+    """A progress display over `iterable`: tqdm bars or log lines (progress_mode())."""
+    total = len(iterable) if total is None else total
+    if progress_mode() == "lines" or disable:
+        shown = LineProgress(iterable, desc, total, initial)
+        shown.silent = disable  # processes other than the main one say nothing
+        return shown
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, initial=initial)

@@ -25,6 +25,7 @@ from lmops.trainloop import (
     device_peak_flops,
     live_logger,
     optimizer_and_schedule,
+    progress,
     seed_everything,
     train_step,
 )
@@ -106,7 +107,6 @@ def train_classifier(
     live = live_logger(live_dir, resume=False) if live_dir and accelerator.is_main_process else None
 
     import torch
-    from tqdm.auto import tqdm
 
     peak = device_peak_flops(accelerator)
     best: dict[str, Any] = {"val_loss": float("inf")}
@@ -118,7 +118,7 @@ def train_classifier(
         batches = length_bucketed(lengths, cfg.batch_size, seed=cfg.seed + epoch)
         mine = batches[accelerator.process_index :: accelerator.num_processes][:steps_per_epoch]
         epoch_started = time.perf_counter()
-        for batch in tqdm(
+        for batch in progress(
             mine,
             desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
             disable=not accelerator.is_local_main_process,

@@ -31,6 +31,7 @@ from lmops.trainloop import (
     live_logger,
     optimizer_and_schedule,
     perplexity,
+    progress,
     seed_everything,
     train_step,
 )
@@ -282,7 +283,6 @@ def run(
 ) -> dict[str, Any]:
     """Pretrain; `used` is false when fine-tuning starts from random weights
     (`finetune.from_pretrained: false`), and then nothing is trained for nobody."""
-    from tqdm.auto import tqdm
 
     if not used:
         return _skip(out_dir, live_dir, metrics_path, "finetune.from_pretrained is false")
@@ -374,15 +374,15 @@ def run(
     peak = device_peak * world if device_peak else None
     model.train()
     started = time.perf_counter()
-    progress = tqdm(
+    shown = progress(
         range(start_step, cfg.steps),
-        initial=start_step,
-        total=cfg.steps,
         desc="pretrain",
+        total=cfg.steps,
+        initial=start_step,
         disable=not accelerator.is_local_main_process,
     )
     window_start, window_tokens = time.perf_counter(), 0
-    for step in progress:
+    for step in shown:
         rows = train_rows[
             _batch_indices(
                 step, cfg.batch_size, len(train_rows), cfg.seed, accelerator.process_index, world
@@ -393,7 +393,7 @@ def run(
         window_tokens += tokens_per_step
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
-        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        shown.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if live is not None:
             live.log_metric("train/loss", loss)
             live.log_metric("train/perplexity", perplexity(loss))

@@ -84,3 +84,40 @@ def test_a_held_lock_times_out_with_a_clear_error(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_stage_progress_reaches_the_run_log_as_lines(tmp_path: Path) -> None:
+    """Under the flow a stage's output is a pipe: it logs progress lines (no redrawn bars),
+    and each reaches `on_progress`, which the flow points at the Prefect run log."""
+    script = (
+        "import logging, sys\n"
+        "import lmops.trainloop as t\n"
+        "t.PROGRESS_EVERY_S = 0.0\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)\n"
+        "shown = t.progress(range(3), desc='pretrain')\n"
+        "for step in shown:\n"
+        "    shown.set_postfix(loss=f'{7.5 - step:.3f}')\n"
+    )
+    seen: list[str] = []
+    output, code = _run_streaming([sys.executable, "-c", script], tmp_path, 60, seen.append)
+    assert code == 0 and "\r" not in output
+    assert seen == [
+        line.removeprefix("progress: ")
+        for line in output.splitlines()
+        if line.startswith("progress: ")
+    ]
+    assert len(seen) == 3 and seen[-1].startswith("pretrain 3/3 (100%), loss 5.500")
+    assert "ETA 0:00" in seen[-1]
+
+
+def test_progress_is_bars_only_where_asked_or_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmops.trainloop import LineProgress, progress
+
+    monkeypatch.setenv("LMOPS_PROGRESS", "lines")
+    assert isinstance(progress(range(2), desc="x"), LineProgress)
+    monkeypatch.setenv("LMOPS_PROGRESS", "bars")
+    assert not isinstance(progress(range(2), desc="x"), LineProgress)
+    monkeypatch.delenv("LMOPS_PROGRESS")
+    assert isinstance(progress(range(2), desc="x"), LineProgress)  # pytest's stderr: no tty

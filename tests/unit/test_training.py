@@ -329,6 +329,8 @@ def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
     metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text("utf-8"))
     assert metrics["resumed_from_step"] >= last_seen  # at most one interval lost
     assert f"resuming from the checkpoint at step {metrics['resumed_from_step']}" in resumed.stderr
+    # Not a terminal: progress comes as log lines, not as redrawn bars.
+    assert "\r" not in resumed.stderr and "progress: pretrain 600/600 (100%)" in resumed.stderr
     assert metrics["steps"] == 600 and math.isfinite(metrics["val_perplexity"])
     from transformers import AutoModelForMaskedLM
 
