@@ -69,11 +69,21 @@ class TrafficLog:
         predictions: list[Any],
         latency_ms: float,
     ) -> None:
-        """Queue one request's records; never blocks and never raises."""
-        now = datetime.now(UTC)
+        """Queue one request's records; never blocks and never raises. The records are
+        built and encoded by the writer thread, off the request's path."""
+        try:
+            self._pending.put_nowait(
+                (datetime.now(UTC), request_id, texts, predictions, latency_ms)
+            )
+        except queue.Full:
+            self._failed("dropped", f"{MAX_PENDING:,} records already wait for the disk")
+
+    def _encoded(self, request: tuple[Any, ...]) -> bytes:
+        """One request's records as log lines (lmops/artifacts.py TrafficRecord)."""
+        when, request_id, texts, predictions, latency_ms = request
         lines = [
             TrafficRecord(
-                timestamp=now,
+                timestamp=when,
                 request_id=request_id,
                 label=prediction.label,
                 score=round(prediction.score, 6),
@@ -86,10 +96,7 @@ class TrafficLog:
             ).line()
             for text, prediction in zip(texts, predictions, strict=True)
         ]
-        try:
-            self._pending.put_nowait(("\n".join(lines) + "\n").encode("utf-8"))
-        except queue.Full:
-            self._failed("dropped", f"{MAX_PENDING:,} records already wait for the disk")
+        return ("\n".join(lines) + "\n").encode("utf-8")
 
     def flush(self) -> None:
         """Wait until every queued record was written or counted as lost."""
@@ -102,13 +109,13 @@ class TrafficLog:
 
     def _write_loop(self) -> None:
         while True:
-            chunk = self._pending.get()
-            if chunk is _STOP:
+            request = self._pending.get()
+            if request is _STOP:
                 self._close_file()
                 self._pending.task_done()
                 return
-            chunks = [chunk]
-            while len(chunks) < 256:  # what queued meanwhile goes out in the same write
+            requests = [request]
+            while len(requests) < 256:  # what queued meanwhile goes out in the same write
                 try:
                     more = self._pending.get_nowait()
                 except queue.Empty:
@@ -117,13 +124,13 @@ class TrafficLog:
                     self._pending.task_done()
                     self._pending.put(_STOP)
                     break
-                chunks.append(more)
+                requests.append(more)
             try:
-                self._write(b"".join(chunks))
+                self._write(b"".join(self._encoded(request) for request in requests))
             except Exception as err:  # the writer thread must outlive any failure
-                self._failed("write", f"{type(err).__name__}: {err}", requests=len(chunks))
+                self._failed("write", f"{type(err).__name__}: {err}", requests=len(requests))
             finally:
-                for _ in chunks:
+                for _ in requests:
                     self._pending.task_done()
 
     def _write(self, data: bytes) -> None:
