@@ -34,15 +34,22 @@ class Api:
     def __init__(self, url: str) -> None:
         self.client = httpx.Client(base_url=url, timeout=30)
 
-    def post(self, path: str, body: dict | None = None) -> Any:
-        response = self.client.post(path, json=body or {})
+    def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        """As Prefect's own client does, a 503 (the server's database busy under load; seen
+        once on 2 loaded cores) is retried after a pause; anything else fails at once."""
+        for attempt in range(6):
+            response = self.client.request(method, path, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(float(response.headers.get("retry-after", 2 ** min(attempt, 3))))
         response.raise_for_status()
         return response.json()
 
+    def post(self, path: str, body: dict | None = None) -> Any:
+        return self._send("POST", path, json=body or {})
+
     def get(self, path: str) -> Any:
-        response = self.client.get(path)
-        response.raise_for_status()
-        return response.json()
+        return self._send("GET", path)
 
     def deployment(self, flow: str, name: str) -> dict[str, Any]:
         return self.get(f"/deployments/name/{flow}/{name}")
