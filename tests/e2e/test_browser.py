@@ -153,3 +153,48 @@ def test_the_check_sees_a_page_that_reaches_out(page: Page, tmp_path: Path) -> N
     page.open(html.as_uri(), "document.getElementById('here')")
     assert page.remote_requests() == ["https://cdn.example.com/x.js"]
     assert not page.images_loaded()
+
+
+def test_make_ui_on_another_port_reaches_its_own_api(page: Page, tmp_path: Path) -> None:
+    """`make ui UI_PORT=N`: the Prefect UI must ask the API on port N, not 4200 (it said
+    "Can't connect to Server API at http://127.0.0.1:4200/api" before)."""
+    import os
+    import signal
+    import socket
+
+    from tests.conftest import REPO_ROOT
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "-o", ".venv/.installed-stamp", "ui", f"UI_PORT={port}"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "make ui did not start"
+            time.sleep(0.5)
+        text = "document.body.innerText"
+        page.open(
+            f"http://127.0.0.1:{port}/dashboard",
+            f"{text}.includes('Dashboard') || {text}.includes(\"Can't connect\")",
+            seconds=90,
+        )
+        shown = page.evaluate(text)
+        assert "Can't connect" not in shown, shown[:500]
+        assert any(f"127.0.0.1:{port}/api/" in url for url in page.requests)
+        assert not any(":4200/" in url for url in page.requests)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
