@@ -136,13 +136,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 120) -> bool:
+    """Poll `url` until it answers 200: False once `process` exits or time runs out."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A real Prefect server on a free loopback port with its own PREFECT_HOME."""
     import signal
-    import time
-
-    import httpx
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
@@ -155,17 +169,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"Prefect server did not start:\n{(home / 'server.log').read_text()}")
-        time.sleep(0.5)
+    if not wait_healthy(f"{api_url}/health", server):
+        server.kill()
+        pytest.fail(f"Prefect server did not start:\n{(home / 'server.log').read_text()}")
     yield {"api_url": api_url, "env": {**env, "PREFECT_API_URL": api_url}}
     server.send_signal(signal.SIGINT)
     try:

@@ -162,7 +162,7 @@ def test_make_ui_on_another_port_reaches_its_own_api(page: Page, tmp_path: Path)
     import signal
     import socket
 
-    from tests.conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT, wait_healthy
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -176,15 +176,7 @@ def test_make_ui_on_another_port_reaches_its_own_api(page: Page, tmp_path: Path)
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "make ui did not start"
-            time.sleep(0.5)
+        assert wait_healthy(f"http://127.0.0.1:{port}/api/health", server), "make ui failed"
         text = "document.body.innerText"
         page.open(
             f"http://127.0.0.1:{port}/dashboard",
