@@ -81,11 +81,12 @@ def importable(code: Path, shim: Path) -> tuple[Path, str]:
     if "lmops.serving" not in (code / "pyproject.toml").read_text("utf-8"):
         return code, "serving.app"  # the older layout: top-level packages
     package = shim / "lmops"
-    package.mkdir(parents=True, exist_ok=True)
-    for entry in (code / "lmops").iterdir():
-        (package / entry.name).symlink_to(entry)
-    for sub in ("tasks", "flows", "serving"):
-        (package / sub).symlink_to(code / sub)
+    if not package.is_dir():  # built once, for every round
+        package.mkdir(parents=True)
+        for entry in (code / "lmops").iterdir():
+            (package / entry.name).symlink_to(entry)
+        for sub in ("tasks", "flows", "serving"):
+            (package / sub).symlink_to(code / sub)
     return shim, "lmops.serving.app"
 
 
