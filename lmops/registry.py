@@ -9,6 +9,7 @@ reads the whole story from git alone. GTO enforces no stage order; `assign` does
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shutil
 import subprocess
@@ -17,9 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmops.artifacts import Metrics, PromotionRecord, key_figures
+from lmops.artifacts import CorruptArtifact, Metrics, PromotionRecord, key_figures
 from lmops.errors import LmopsError
 from lmops.stages import METRICS
+
+log = logging.getLogger(__name__)
 
 ARTIFACT = "lmops"
 REGISTRY_STAGES = ("staging", "prod")
@@ -216,10 +219,21 @@ def versions(root: Path) -> list[dict[str, Any]]:
                 "registered": registration["created_at"].isoformat(),
                 "by": PromotionRecord.from_message(registration["message"] or "").by,
                 "stages": [stage for stage in REGISTRY_STAGES if active[stage] == entry["version"]],
-                **key_figures(metrics_at(root, entry["commit_hexsha"])),
+                **_listed_figures(root, entry["version"], entry["commit_hexsha"]),
             }
         )
     return sorted(rows, key=lambda row: _semver(row["version"]), reverse=True)
+
+
+def _listed_figures(root: Path, version: str, commit: str) -> dict[str, Any]:
+    """A version's figures for the listing. One registered by an older lmops, whose
+    metrics.json predates today's format, is still listed, its figures blank (gating it
+    still refuses it, naming the field)."""
+    try:
+        return key_figures(metrics_at(root, commit))
+    except CorruptArtifact as err:
+        log.warning("registry: %s is listed without figures: %s", version, err)
+        return key_figures(None)
 
 
 def _semver(version: str) -> tuple[int, ...]:

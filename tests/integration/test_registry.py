@@ -276,3 +276,28 @@ def test_prod_broken_at_start_refetches_then_falls_back_loudly(
     assert refused.returncode == 1
     assert "Traceback" not in refused.stderr
     assert "error: cannot serve stage prod: v0.0.1 cannot be served" in refused.stderr
+
+
+def test_a_version_from_an_older_metrics_format_is_listed_without_figures(
+    tmp_path: Path,
+) -> None:
+    """A registry that an older lmops filled (metrics.json before the paired gates) still
+    lists: the version shows, its figures blank, and gating it would name the field."""
+    import gto.api
+
+    from lmops.artifacts import CorruptArtifact
+
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "reports").mkdir()
+    old = {"model": {"accuracy": 0.81}, "baseline": {"accuracy": 0.84}, "gates": {"passed": True}}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(old), "utf-8")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), *identity, "commit", "-qm", "old"], check=True)
+    gto.api.register(
+        str(tmp_path), registry.ARTIFACT, "HEAD", version="v0.0.1", author="t", author_email="t@t"
+    )
+    (row,) = registry.versions(tmp_path)
+    assert row["version"] == "v0.0.1" and row["accuracy"] is None and row["gates_passed"] is None
+    with pytest.raises(CorruptArtifact, match="metrics.json at .* is not a valid Metrics"):
+        registry.metrics_at(tmp_path, row["commit"])
