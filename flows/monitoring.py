@@ -50,7 +50,7 @@ def _last_trigger(path: Path) -> datetime | None:
         return None
 
 
-def _markdown(summary: dict[str, Any]) -> str:
+def _markdown(summary: dict[str, Any], pages_url: str) -> str:
     typed = DriftSummary.model_validate(summary)
     lines = [f"# Drift report — model {typed.model.version}", ""]
     if typed.status == "not_enough_data":
@@ -71,7 +71,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"{typed.rows_line().capitalize()} "
         f"({typed.traffic.corrupt_lines_skipped:,} corrupt log lines skipped).",
         "",
-        f"Report: [{html}]({Path(html).as_uri()})",
+        f"Report (Evidently): `{html}`; in a browser while `lmops serve` runs: "
+        f"{pages_url}/reports/drift/{Path(html).parent.name}/report.html",
     ]
     return "\n".join(lines)
 
@@ -132,7 +133,7 @@ def monitoring(traffic: str | None = None, project_dir: str = ".") -> dict[str, 
     logger.info("%s; %s", summary.get("message", "report written"), trigger)
     create_markdown_artifact(
         key="drift-report",
-        markdown=_markdown(summary),
+        markdown=_markdown(summary, params.serve.pages_url),
         description="Drift checks of the served traffic against the reference",
     )
     return summary

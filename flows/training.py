@@ -169,30 +169,24 @@ def reproduce_stage(stage: str, project_dir: str, timeout_s: float) -> dict[str,
     return result
 
 
-def _manifest_markdown(manifest: DataManifest, docs_index: Path, stages: list[dict]) -> str:
+def _manifest_markdown(manifest: DataManifest, docs_url: str, stages: list[dict]) -> str:
     rows = manifest.rows
     lines = [
         "# Data manifest",
         "",
         "| table | rows | content sha256 |",
         "|---|---:|---|",
-        *(
-            f"| {name} | {rows[name]:,} | `{manifest.content_sha256[name][:16]}` |"
-            for name in rows
-        ),
+        *(f"| {name} | {rows[name]:,} | `{manifest.content_sha256[name][:16]}` |" for name in rows),
         "",
         "| dropped | rows |",
         "|---|---:|",
-        *(
-            f"| labelled: {reason} | {n:,} |"
-            for reason, n in manifest.labelled.dropped.items()
-        ),
+        *(f"| labelled: {reason} | {n:,} |" for reason, n in manifest.labelled.dropped.items()),
         *(f"| corpus: {reason} | {n:,} |" for reason, n in manifest.corpus.dropped.items()),
         "",
         f"Labels: {', '.join(manifest.labelled.labels or [])}. "
         f"Sources: `{manifest.labelled.spec}`, `{manifest.corpus.spec}`.",
         "",
-        f"Validation report (Great Expectations Data Docs): [{docs_index}]({docs_index.as_uri()})",
+        f"Validation report (Great Expectations Data Docs, shown by `lmops serve`): {docs_url}",
         "",
         "| stage | result | outputs in dvc.lock (md5) |",
         "|---|---|---|",
@@ -212,7 +206,9 @@ def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
     return {"version": version, "new": new}
 
 
-def _registry_markdown(root: Path, registered: dict[str, Any], promoted: dict | None) -> str:
+def _registry_markdown(
+    root: Path, registered: dict[str, Any], promoted: dict | None, pages_url: str
+) -> str:
     version = registered["version"]
     commit = registry.commit_of(root, version)
     lines = [
@@ -225,6 +221,8 @@ def _registry_markdown(root: Path, registered: dict[str, Any], promoted: dict | 
         f"`lmops models` lists it, the registry fetches it from DVC",
         "- serve it: `lmops serve --stage prod` (follows prod) or `make serve` (this workspace's "
         "export)",
+        f"- its page (metrics, pictures, model card, history; while `lmops serve` runs): "
+        f"{pages_url}/models/{version}",
         "",
         "| stage | version |",
         "|---|---|",
@@ -289,7 +287,8 @@ def _train_locked(
             if state.is_failed():
                 return Failed(message=state.message)
             stages.append(state.result())
-        result = _publish(root, stages)
+        pages_url = parse_params(read_raw(root)).serve.pages_url
+        result = _publish(root, stages, pages_url)
         if not registry.is_git_repo(root):
             logger.warning("%s is not a git repository: the model is not registered", root)
             return {**result, "registered": None, "promotion": None}
@@ -310,19 +309,23 @@ def _train_locked(
             promoted = promotion_state.result()
         create_markdown_artifact(
             key="registry",
-            markdown=_registry_markdown(root, registered, promoted),
+            markdown=_registry_markdown(root, registered, promoted, pages_url),
             description="The registered version and where the stages point",
         )
     return {**result, "registered": registered, "promotion": promoted}
 
 
-def _publish(root: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
+def _publish(root: Path, stages: list[dict[str, Any]], pages_url: str) -> dict[str, Any]:
     """The data and evaluation artifacts, and what the run summary needs."""
     manifest = DataManifest.of(root / VALIDATED_DIR)
     docs_index = root / VALIDATION_DOCS_DIR / "index.html"
     create_markdown_artifact(
         key="data-manifest",
-        markdown=_manifest_markdown(manifest, docs_index, stages),
+        markdown=_manifest_markdown(
+            manifest,
+            f"{pages_url}/{docs_index.relative_to(root).as_posix()}",
+            stages,
+        ),
         description="Row counts, drops and content hashes of the validated data",
     )
     metrics = Metrics.read(root / METRICS)
@@ -331,8 +334,10 @@ def _publish(root: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
         key="evaluation",
         markdown="# Evaluation\n\n"
         + metrics.markdown()
-        + f"\n\nModel card: {(root / MODEL_CARD).as_uri()}\n\nPlots (`dvc plots show`): "
-        + ", ".join(f"[{plot.name}]({plot.as_uri()})" for plot in plots),
+        + f"\n\nThe model card (`{MODEL_CARD}`) and the pictures ("
+        + ", ".join(f"`{plot.name}`" for plot in plots if plot.suffix == ".png")
+        + ") are on the version's page once it is registered (the registry artifact links it);"
+        " `dvc plots show` draws them all.",
         description="Test metrics beside the baseline, and the gates' verdict",
     )
     return {

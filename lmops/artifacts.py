@@ -88,6 +88,48 @@ class DataManifest(_Artifact):
         return cls.read(data_dir / cls.FILE)
 
 
+# -- reports/pretrain.json, finetune.json (the training stages write; the card reads) -----
+
+
+class StageRun(_Artifact):
+    """What the model card says of a training stage. Each stage writes more (its history,
+    rates); this reads only the figures the card shows, and ignores the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    objective: str | None = None  # pretraining: "masked-lm", or "none (why it was skipped)"
+    seconds: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    steps: int | None = None
+    train_tokens: int | None = None
+    val_perplexity: float | None = None
+    val_unigram_perplexity: float | None = None
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    train_examples_per_s: float | None = None
+
+    def line(self, stage: str) -> str:
+        if self.seconds is None:
+            return f"- {stage}: {self.objective or 'did not run'}"
+        figures = [f"{self.seconds:,.1f} s on {self.device} (mixed precision: {self.precision})"]
+        if self.steps is not None:
+            figures.append(f"{self.steps:,} steps")
+        if self.train_tokens is not None:
+            figures.append(f"{self.train_tokens:,} training tokens")
+        if self.val_perplexity is not None:
+            unigram = self.val_unigram_perplexity
+            figures.append(
+                f"validation perplexity {self.val_perplexity:,.1f}"
+                + (f" (unigram frequencies alone: {unigram:,.1f})" if unigram else "")
+            )
+        if self.epochs_run is not None:
+            figures.append(f"{self.epochs_run} epochs run, best on validation: {self.best_epoch}")
+        if self.train_examples_per_s is not None:
+            figures.append(f"{self.train_examples_per_s:,.1f} examples/s")
+        return f"- {stage}: " + "; ".join(figures)
+
+
 # -- models/onnx/manifest.json (export writes; the engine, monitor and promotion read) ---
 
 

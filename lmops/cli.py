@@ -324,7 +324,8 @@ def serve(
 
     _log_to_console()
     root = Path.cwd()
-    cfg = load_params(root).serve
+    params = load_params(root)
+    cfg = params.serve
     if stage is None:
         follow = None
         engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
@@ -345,7 +346,7 @@ def serve(
         err=True,
     )
     run_server(
-        create_app(cfg, engine, root, follow),
+        create_app(cfg, engine, root, follow, root / params.monitor.reports_dir),
         host or cfg.host,
         cfg.port if port is None else port,
         cfg.drain_seconds,

@@ -239,6 +239,13 @@ class ServeConfig(_Strict):
     drain_seconds: float = Field(ge=0)
     traffic: TrafficConfig
 
+    @property
+    def pages_url(self) -> str:
+        """Where `lmops serve` shows its pages (the registry's model pages, the reports):
+        the links Prefect artifacts give, since a browser blocks file:// from an http page."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
 
 class PromotionConfig(_Strict):
     max_accuracy_drop: float = Field(ge=0, le=1)

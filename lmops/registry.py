@@ -20,7 +20,7 @@ from typing import Any
 
 from lmops.artifacts import CorruptArtifact, Metrics, PromotionRecord, key_figures
 from lmops.errors import LmopsError
-from lmops.stages import METRICS
+from lmops.stages import METRICS, MODEL_CARD, PLOTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,22 @@ def read_at(root: Path, commit: str, path: Path | str) -> str | None:
     """A git-tracked file as of `commit`, or None where it did not exist."""
     result = _git(root, "show", f"{commit}:{path}", check=False)
     return result.stdout if result.returncode == 0 else None
+
+
+def picture_at(root: Path, commit: str, name: str) -> bytes | None:
+    """A PNG of reports/plots as of `commit` (registration commits the reports), or None."""
+    if not name.endswith(".png") or "/" in name:
+        return None
+    result = subprocess.run(
+        ["git", "show", f"{commit}:{PLOTS_DIR / name}"], cwd=root, capture_output=True
+    )
+    return result.stdout if result.returncode == 0 else None
+
+
+def pictures_at(root: Path, commit: str) -> list[str]:
+    """The names of the PNGs in reports/plots as of `commit`."""
+    listed = _git(root, "ls-tree", "--name-only", f"{commit}:{PLOTS_DIR}", check=False)
+    return sorted(n for n in listed.stdout.split() if n.endswith(".png"))
 
 
 def metrics_at(root: Path, commit: str) -> Metrics | None:
@@ -223,6 +239,36 @@ def versions(root: Path) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda row: _semver(row["version"]), reverse=True)
+
+
+def version_page(root: Path, version: str) -> dict[str, Any]:
+    """What a version's page shows, all read from git: its registration, stages and
+    history, its metrics (and prod's, to compare), its model card and its pictures."""
+    listed = {row["version"]: row for row in versions(root)}
+    if version not in listed:
+        known = ", ".join(listed) or "none registered"
+        raise LmopsError(f"unknown version {version!r} of {ARTIFACT} (known: {known})")
+    row = listed[version]
+    commit = row["commit"]
+    prod = next((v for v, r in listed.items() if "prod" in r["stages"]), None)
+
+    def readable_metrics(at: str) -> Metrics | None:
+        try:
+            return metrics_at(root, at)
+        except CorruptArtifact:
+            return None  # listed without figures (an older format): shown as such
+
+    return {
+        **row,
+        "history": [e for e in history(root) if e["version"] == version],
+        "metrics": readable_metrics(commit),
+        "prod": prod,
+        "prod_metrics": None
+        if prod in (None, version)
+        else readable_metrics(listed[prod]["commit"]),
+        "card": read_at(root, commit, MODEL_CARD),
+        "pictures": pictures_at(root, commit),
+    }
 
 
 def _listed_figures(root: Path, version: str, commit: str) -> dict[str, Any]:

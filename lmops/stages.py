@@ -39,7 +39,15 @@ READS: dict[str, list[Path]] = {
     "tokenizer": [VALIDATED_DIR],
     "pretrain": [TOKENIZER_DIR, VALIDATED_DIR],
     "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR],
-    "evaluate": [FINETUNED_DIR, TOKENIZER_DIR, VALIDATED_DIR, PRETRAIN_LIVE, FINETUNE_LIVE],
+    "evaluate": [
+        FINETUNED_DIR,
+        TOKENIZER_DIR,
+        VALIDATED_DIR,
+        PRETRAIN_LIVE,
+        FINETUNE_LIVE,
+        PRETRAIN_METRICS,
+        FINETUNE_METRICS,
+    ],
     "export": [FINETUNED_DIR, VALIDATED_DIR],
 }
 WRITES: dict[str, list[Path]] = {

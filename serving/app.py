@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from html import escape
 from importlib.metadata import version as lmops_version_of
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, ORJSONResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    ORJSONResponse,
+    PlainTextResponse,
+    Response,
+)
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,11 +38,15 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field, StrictStr
+from starlette.concurrency import run_in_threadpool
 
+from lmops import registry
+from lmops.artifacts import CorruptArtifact, DriftSummary
 from lmops.config import ServeConfig
 from lmops.engine import Engine
+from lmops.errors import LmopsError
 from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
-from lmops.serving.pages import EXAMPLE_TEXTS, landing_page
+from lmops.serving.pages import EXAMPLE_TEXTS, landing_page, model_page, registry_index
 from lmops.serving.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -45,6 +57,7 @@ from lmops.serving.protocol import (
 from lmops.serving.stats import InferenceStats
 from lmops.serving.swap import Following, LiveModel, StageWatcher
 from lmops.serving.traffic import TrafficLog
+from lmops.stages import VALIDATION_DOCS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +291,15 @@ def _require_json(request: Request) -> None:
 
 
 def create_app(
-    cfg: ServeConfig, engine: Engine, root: Path, follow: Following | None = None
+    cfg: ServeConfig,
+    engine: Engine,
+    root: Path,
+    follow: Following | None = None,
+    drift_dir: Path | None = None,
 ) -> FastAPI:
     """Serve `engine`; given `resolve`, follow the version it names every
-    `serve.poll_seconds` with a hot swap (serving/swap.py)."""
+    `serve.poll_seconds` with a hot swap (serving/swap.py). The registry's pages read
+    `root`'s git tags, and its latest drift verdict `drift_dir` (monitor.reports_dir)."""
     metrics = Metrics(engine, cfg.model_name)
     traffic = TrafficLog(
         root / cfg.traffic.dir,
@@ -467,6 +485,61 @@ def create_app(
                 str(request.base_url).rstrip("/"),
             )
         )
+
+    def _page_of(build: Any, *args: Any) -> Any:
+        """A registry page, built off the event loop (git and GTO take a while): a user's
+        error (no registry here, an unknown version) is a 404 page that names it."""
+
+        async def page() -> HTMLResponse:
+            try:
+                return HTMLResponse(await run_in_threadpool(build, *args))
+            except LmopsError as err:
+                return HTMLResponse(f"<!doctype html><p>{escape(str(err))}</p>", status_code=404)
+
+        return page()
+
+    def _index() -> str:
+        return registry_index(cfg.model_name, registry.versions(root), live_model.engine.version)
+
+    def _version(version: str) -> str:
+        facts = registry.version_page(root, version)
+        drift, problem = None, None
+        latest = drift_dir / DriftSummary.LATEST if drift_dir else None
+        try:
+            drift = DriftSummary.read(latest) if latest and latest.is_file() else None
+        except CorruptArtifact as err:
+            problem = str(err)
+        return model_page(cfg.model_name, facts, live_model.engine.version, drift, problem)
+
+    @app.get("/models", include_in_schema=False)
+    async def models_index() -> HTMLResponse:
+        return await _page_of(_index)
+
+    @app.get("/models/{version}", include_in_schema=False)
+    async def models_version(version: str) -> HTMLResponse:
+        return await _page_of(_version, version)
+
+    @app.get("/models/{version}/plots/{name}", include_in_schema=False)
+    async def models_picture(version: str, name: str) -> Response:
+        def read() -> bytes | None:
+            return registry.picture_at(root, registry.commit_of(root, version), name)
+
+        try:
+            picture = await run_in_threadpool(read)
+        except LmopsError as err:
+            return PlainTextResponse(str(err), status_code=404)
+        if picture is None:
+            return PlainTextResponse(f"no picture {name} in {version}", status_code=404)
+        return Response(picture, media_type="image/png")
+
+    # The reports the pages and the Prefect artifacts link to, over http (a browser blocks
+    # file:// links from an http page): the validation's Data Docs and the drift reports.
+    for url, folder in (
+        ("/reports/validation", root / VALIDATION_DOCS_DIR),
+        ("/reports/drift", drift_dir),
+    ):
+        if folder is not None:
+            app.mount(url, StaticFiles(directory=folder, html=True, check_dir=False))
 
     @app.post(
         "/v1/predict",

@@ -1,14 +1,16 @@
-"""The server's own pages: a landing page at `/` that says what is served and how to call it.
+"""The server's own pages: a landing page at `/` that says what is served and how to call
+it, the registry's index at `/models`, and one page per registered version.
 
-Plain HTML with its styles inline: nothing is loaded from anywhere, so the page works on a
-machine with no network. The interactive docs (`/docs`) come from fastapi-offline, which
-serves Swagger UI's files from the package itself.
+Plain HTML with its styles inline and pictures from the server itself: nothing is loaded
+from anywhere else, so the pages work on a machine with no network. The interactive docs
+(`/docs`) come from fastapi-offline, which serves Swagger UI's files from the package.
 """
 
 from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import PurePath
 from typing import Any
 
 EXAMPLE_TEXTS = ["质量很好，非常满意", "太差了，再也不买了"]
@@ -22,7 +24,10 @@ td, th { border-bottom: 1px solid #ddd; padding: 0.3rem 0.8rem 0.3rem 0; text-al
          vertical-align: top; }
 code, pre { font-family: ui-monospace, monospace; background: #f4f4f4; }
 pre { padding: 0.8rem; overflow-x: auto; }
-.ok { color: #1a7f37; } .warn { color: #b35900; }
+.ok { color: #1a7f37; } .warn { color: #b35900; } .bad { color: #b3261e; }
+td.n, th.n { text-align: right; } img { max-width: 100%; border: 1px solid #eee; }
+.pictures img { width: 27rem; margin: 0 0.5rem 0.5rem 0; vertical-align: top; }
+.card { border-left: 3px solid #ddd; padding-left: 1rem; }
 """
 
 ENDPOINTS = [
@@ -93,6 +98,183 @@ def landing_page(
 <pre id="curl">{escape(curl)}</pre>
 <h2>Endpoints</h2>
 <table><tr><th>method</th><th>path</th><th>what</th></tr>{endpoints}</table>
-<p><a href="docs">API docs</a> · <a href="metrics">metrics</a></p>
+<p><a href="docs">API docs</a> · <a href="models">registered models</a> ·
+<a href="metrics">metrics</a></p>
 </body></html>
 """
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{escape(title)}</title>
+<style>{STYLE}</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def _markdown(text: str) -> str:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+
+
+def _figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _passed(passed: bool | None) -> str:
+    if passed is None:
+        return ""
+    return '<span class="ok">passed</span>' if passed else '<span class="bad">failed</span>'
+
+
+def registry_index(model_name: str, rows: list[dict[str, Any]], serving: str) -> str:
+    """Every registered version, newest first: its stages and test figures."""
+    body = "".join(
+        f'<tr><td><a href="models/{escape(row["version"])}">{escape(row["version"])}</a>'
+        f"{' (served here)' if row['version'] == serving else ''}</td>"
+        f"<td>{escape(', '.join(row['stages']))}</td>"
+        f"<td>{escape(row['registered'][:19].replace('T', ' '))}</td><td>{escape(row['by'])}</td>"
+        f"<td class=n>{_figure(row['accuracy'])}</td>"
+        f"<td class=n>{_figure(row['baseline_accuracy'])}</td>"
+        f"<td>{_passed(row['gates_passed'])}</td></tr>"
+        for row in rows
+    )
+    listing = (
+        "<table><tr><th>version</th><th>stages</th><th>registered (UTC)</th><th>by</th>"
+        "<th class=n>test accuracy</th><th class=n>baseline</th><th>gates</th></tr>"
+        f"{body}</table>"
+        if rows
+        else "<p>No version is registered yet: <code>make run</code> registers one.</p>"
+    )
+    return _page(
+        f"lmops — {model_name} registry",
+        f"<h1>{escape(model_name)} <small>registry</small></h1>"
+        '<p class="sub">every registered version (git tags, GTO) · '
+        '<a href="./">this server</a></p>' + listing,
+    )
+
+
+def _metrics_table(facts: dict[str, Any]) -> str:
+    metrics = facts["metrics"]
+    prod, prod_metrics = facts["prod"], facts["prod_metrics"]
+    columns = [("this version", metrics.model)]
+    if metrics.transformer_only is not None:
+        columns.append(("transformer alone", metrics.transformer_only))
+    columns.append(("TF-IDF + LR baseline", metrics.baseline))
+    if prod_metrics is not None:
+        columns.append((f"prod ({prod})", prod_metrics.model))
+    head = "".join(f"<th class=n>{escape(name)}</th>" for name, _ in columns)
+    rows = "".join(
+        f"<tr><th>{key}</th>"
+        + "".join(f"<td class=n>{getattr(m, key):.4f}</td>" for _, m in columns)
+        + "</tr>"
+        for key in ("accuracy", "macro_f1", "roc_auc", "ece")
+    )
+    slices = "".join(
+        f"<tr><th>{escape(name)} chars</th><td class=n>{part.n:,}</td>"
+        f"<td class=n>{_figure(part.accuracy)}</td>"
+        f"<td class=n>{_figure(metrics.baseline.slices_by_chars[name].accuracy)}</td></tr>"
+        for name, part in metrics.model.slices_by_chars.items()
+        if name in metrics.baseline.slices_by_chars
+    )
+    return (
+        _markdown(metrics.verdict())
+        + f"<table><tr><th>test metric</th>{head}</tr>{rows}</table>"
+        + _markdown(f"Gates: {metrics.gates.text()}")
+        + "<h3>Accuracy by text length (test)</h3><table><tr><th>slice</th><th class=n>texts"
+        f"</th><th class=n>model</th><th class=n>baseline</th></tr>{slices}</table>"
+    )
+
+
+def _history_table(events: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{escape(e['when'][:19].replace('T', ' '))}</td>"
+        f"<td>{escape(e['event'])}{' to ' + escape(e['stage']) if e['stage'] else ''}</td>"
+        f"<td>{escape(e['by'])}</td><td>{escape(e['why'])}</td>"
+        f"<td><code>{escape(e['tag'])}</code></td></tr>"
+        for e in events
+    )
+    return (
+        "<table><tr><th>when (UTC)</th><th>event</th><th>by</th><th>why</th><th>tag</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _drift(drift: Any, drift_problem: str | None) -> str:
+    if drift_problem:
+        return f'<p class="warn">{escape(drift_problem)}</p>'
+    if drift is None:
+        return "<p>No drift check has run here yet (<code>lmops monitor</code>).</p>"
+    verdict = (
+        '<span class="bad">drift detected</span>'
+        if drift.drift_detected
+        else '<span class="ok">no drift</span>'
+        if drift.status == "ok"
+        else f'<span class="warn">{escape(drift.status.replace("_", " "))}</span>'
+    )
+    # Served by this server under /reports/drift/ (serving/app.py), one folder per run.
+    html = (drift.report or {}).get("html")
+    run = PurePath(html).parent.name if html else None
+    link = f' · <a href="../reports/drift/{escape(run)}/report.html">Evidently report</a>'
+    link = link if run else ""
+    window = drift.traffic
+    return (
+        f"<p>{verdict} in the traffic to {escape(drift.model.version)}, checked "
+        f"{escape(drift.created_at[:19].replace('T', ' '))} UTC over "
+        f"{escape(window.window_start or 'the start')} – {escape(window.window_end)}"
+        f"{link}</p>" + (f"<p>{escape(drift.message)}</p>" if drift.message else "")
+    )
+
+
+def model_page(
+    model_name: str,
+    facts: dict[str, Any],
+    serving: str,
+    drift: Any = None,
+    drift_problem: str | None = None,
+) -> str:
+    """One registered version: stage and history, metrics beside the baseline and prod,
+    its pictures, its model card, and the latest drift verdict."""
+    version = facts["version"]
+    stages = ", ".join(facts["stages"]) or "no stage"
+    facts_rows = _rows(
+        [
+            ("stages", escape(stages)),
+            ("commit", f"<code>{escape(facts['commit'])}</code>"),
+            ("registered", escape(facts["registered"][:19].replace("T", " ")) + " UTC"),
+            ("by", escape(facts["by"])),
+            ("served here", "yes" if version == serving else f"no (this server: {serving})"),
+            ("serve it", f"<code>lmops serve --stage {escape(facts['stages'][0])}</code>")
+            if facts["stages"]
+            else ("serve it", "<code>lmops promote</code> it first"),
+        ]
+    )
+    metrics = (
+        _metrics_table(facts)
+        if facts["metrics"] is not None
+        else "<p class=warn>No readable reports/metrics.json at this commit.</p>"
+    )
+    pictures = "".join(
+        f'<img src="{escape(version)}/plots/{escape(name)}" alt="{escape(name)}">'
+        for name in facts["pictures"]
+    )
+    card = (
+        _markdown(facts["card"]).replace('src="plots/', f'src="{escape(version)}/plots/')
+        if facts["card"]
+        else "<p>No model card at this commit.</p>"
+    )
+    body = (
+        f"<h1>{escape(model_name)} <small>{escape(version)}</small></h1>"
+        '<p class="sub"><a href="../models">all versions</a> · <a href="../">this server</a>'
+        f"</p><table>{facts_rows}</table>"
+        f"<h2>Test metrics</h2>{metrics}"
+        f"<h2>Pictures</h2><div class=pictures>{pictures or '<p>none</p>'}</div>"
+        f"<h2>History</h2>{_history_table(facts['history'])}"
+        f"<h2>Latest drift check</h2>{_drift(drift, drift_problem)}"
+        f"<h2>Model card</h2><div class=card>{card}</div>"
+    )
+    return _page(f"lmops — {model_name} {version}", body)

@@ -25,6 +25,7 @@ from lmops.artifacts import (
     Metrics,
     PairedComparison,
     SliceMetrics,
+    StageRun,
     ThresholdGate,
 )
 from lmops.atomic import write_json
@@ -212,12 +213,17 @@ def _roc_rows(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -> list
     return rows
 
 
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _model_card(
     metrics: Metrics,
     manifest: DataManifest,
     model_cfg: ModelConfig,
     labels: list[str],
     pretrained: bool,
+    training: dict[str, StageRun],
 ) -> str:
     beats = metrics.gates.beats_baseline
     calibration = metrics.calibration
@@ -253,11 +259,21 @@ def _model_card(
         "",
         served,
         "",
+        "## Intended use",
+        f"Classifying short texts like the labelled data below into {', '.join(labels)}, "
+        "served by `lmops serve` (ONNX Runtime). Not for decisions about people, and not for "
+        "text unlike the training data without monitoring (`lmops monitor`).",
+        "",
         "## Data",
         f"- labelled: `{manifest.labelled.spec}`; labels {', '.join(labels)}; "
         f"train {manifest.rows['train']:,} / val {manifest.rows['val']:,} / "
         f"test {manifest.rows['test']:,}",
         f"- corpus: `{manifest.corpus.spec}`, {manifest.rows['corpus']:,} documents",
+        "- content sha256 (`data/validated/manifest.json`): "
+        + ", ".join(f"{name} `{digest[:16]}`" for name, digest in manifest.content_sha256.items()),
+        "",
+        "## Training",
+        *(run.line(stage) for stage, run in training.items()),
         "",
         "## Test metrics",
         metrics.verdict(),
@@ -282,7 +298,17 @@ def _model_card(
         "- Trained only on the data above; accuracy on other domains (e.g. news, other "
         "product types) is unknown and should be monitored.",
         "- Texts longer than the model's sequence length are truncated.",
-        "- See `reports/metrics.json` for slices by length and behavioural checks.",
+        "- Behavioural checks (negation, invariance) are in `reports/metrics.json`.",
+        "",
+        "## Accuracy by text length (test)",
+        "| characters | texts | model | TF-IDF + LR baseline |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {part.n:,} | {_accuracy(part.accuracy)} | "
+            f"{_accuracy(metrics.baseline.slices_by_chars[name].accuracy)} |"
+            for name, part in metrics.model.slices_by_chars.items()
+            if name in metrics.baseline.slices_by_chars
+        ),
         "",
         "## Plots",
         "",
@@ -328,9 +354,11 @@ def run(
     plots_dir: Path,
     model_card_path: Path,
     live_dirs: dict[str, Path] | None = None,
+    stage_runs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Score the model and the baseline on test; write metrics, plots, pictures and the card.
-    `live_dirs` names the DVCLive folders whose training curves are drawn (by stage)."""
+    `live_dirs` names the DVCLive folders whose training curves are drawn (by stage), and
+    `stage_runs` the training stages' metrics files the card's "Training" section reads."""
     from lmops.classifier import load
 
     started = time.perf_counter()
@@ -443,6 +471,7 @@ def run(
             model_cfg,
             labels,
             finetune_cfg.from_pretrained,
+            {stage: StageRun.read(path) for stage, path in (stage_runs or {}).items()},
         ),
         encoding="utf-8",
     )

@@ -113,6 +113,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         plots_dir=root / PLOTS_DIR,
         model_card_path=root / MODEL_CARD,
         live_dirs={"pretrain": root / PRETRAIN_LIVE, "finetune": root / FINETUNE_LIVE},
+        stage_runs={"pretraining": root / PRETRAIN_METRICS, "fine-tuning": root / FINETUNE_METRICS},
     )
 
 

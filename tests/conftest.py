@@ -373,3 +373,13 @@ def served(
     url, process = serve(root)
     yield url, root
     stop_server(process)
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Any]:
+    """One headless Chromium tab (tests/browser.py) for a browser test."""
+    from tests.browser import Page
+
+    opened = Page(tmp_path)
+    yield opened
+    opened.close()

@@ -92,6 +92,17 @@ def test_monitor_json_through_the_cli(make_project: Callable[..., Path]) -> None
     assert Path(summary["report"]["html"]).is_relative_to(root / "reports" / "drift")
     assert (root / "reports" / "drift" / "workspace").is_dir()
     assert "torch" not in imported(result.stderr)
+    # The snapshot is named and tagged by lmops's verdict, the model and the window: what
+    # the Evidently UI lists and filters runs by.
+    from evidently.core.report import Snapshot
+
+    (stored,) = (root / "reports" / "drift" / "workspace").glob("*/snapshots/*.json")
+    snapshot = Snapshot.load(str(stored)).to_snapshot_model()
+    assert snapshot.name.startswith(f"DRIFT · model {version} · traffic ")
+    assert {"lmops", f"model:{version}", "verdict:drift"} <= set(snapshot.tags)
+    assert snapshot.metadata["model_version"] == version
+    assert snapshot.metadata["window_end"] == summary["traffic"]["window_end"]
+    assert snapshot.metadata["lmops_verdict"] == "drift"
 
 
 def test_monitor_cli_too_little_traffic_and_hashes_only(
@@ -226,4 +237,7 @@ def test_monitoring_flow_emits_the_drift_event_once_per_cooldown(
     ours = [a["data"] for a in response.json() if str(root) in a["data"]]
     assert len(ours) == 2
     assert "suppressed by the cooldown" in ours[0] and "emitted lmops.drift.detected" in ours[1]
-    assert "| **embedding** |" in ours[0] and "file://" in ours[0]
+    assert "| **embedding** |" in ours[0] and "file://" not in ours[0]
+    # The report's link is http, to `lmops serve` (a browser blocks file:// from Prefect's UI).
+    run = Path(second["report"]["html"]).parent.name
+    assert f"http://127.0.0.1:8000/reports/drift/{run}/report.html" in ours[0]

@@ -6,6 +6,7 @@ a server on `--stage prod` following the registry."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -196,6 +197,55 @@ def test_history_shows_promotions_refusal_free_and_the_rollback(project: Path, e
     assert [e["event"] for e in history if e["version"] == "v0.0.3"] == ["registration"]
     text = lmops(project, env, "models", "--history").stdout
     assert "rollback from v0.0.2" in text and "accuracy" in text
+
+
+@pytest.mark.browser
+def test_model_pages_show_every_version_offline(
+    project: Path, env: dict, tmp_path: Path, page: Any
+) -> None:
+    """The registry index and a version's page, served by `lmops serve`, in a real browser
+    with no network: every version listed, the figures of metrics.json beside the baseline
+    and prod, its pictures loaded, its history; and their faults are 404s or a warning."""
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
+        project,
+        port,
+        tmp_path / "serve.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+    drift = project / "reports" / "drift"
+    try:
+        index = page.open(f"{base}/models", "document.querySelector('table')")
+        for version in ("v0.0.1", "v0.0.2", "v0.0.3"):
+            assert f'href="models/{version}"' in index
+        assert "v0.0.1</a> (served here)" in index
+
+        dom = page.open(f"{base}/models/v0.0.2", "document.images.length >= 4")
+        assert page.images_loaded()
+        metrics = registry.metrics_at(project, registry.commit_of(project, "v0.0.2"))
+        assert metrics is not None
+        assert f"{metrics.model.accuracy:.4f}" in dom and f"{metrics.baseline.accuracy:.4f}" in dom
+        assert "prod (v0.0.1)" in dom  # beside prod's figures
+        assert "registration" in dom and "assignment to prod" in dom  # its history
+        assert "confusion.png" in dom and "Model card" in dom
+        assert "No drift check has run here yet" in dom
+        assert page.remote_requests() == []
+
+        unknown = httpx.get(f"{base}/models/v9.9.9", timeout=30)
+        assert unknown.status_code == 404 and "v9.9.9" in unknown.text and "v0.0.1" in unknown.text
+        outside = httpx.get(f"{base}/models/v0.0.2/plots/..%2Fmetrics.json", timeout=30)
+        assert outside.status_code == 404
+        drift.mkdir(exist_ok=True)
+        (drift / "latest.json").write_text("{", "utf-8")  # a torn drift summary
+        warned = httpx.get(f"{base}/models/v0.0.1", timeout=30)
+        assert warned.status_code == 200 and "latest.json" in warned.text
+        assert "rollback from v0.0.2" in warned.text  # v0.0.1's history, with its records
+        answer = httpx.post(f"{base}/v1/predict", json={"texts": ["质量很好"]}, timeout=10)
+        assert answer.status_code == 200  # predictions never depend on the pages
+    finally:
+        assert stop_server(server) in (0, -15)
+        shutil.rmtree(drift, ignore_errors=True)
 
 
 def _damage(version_dir: Path, cache: Path | None = None) -> None:
