@@ -248,7 +248,7 @@ def model_page(
             ("registered", escape(facts["registered"][:19].replace("T", " ")) + " UTC"),
             ("by", escape(facts["by"])),
             ("served here", "yes" if version == serving else f"no (this server: {serving})"),
-            ("serve it", f"<code>lmops serve --stage {escape(facts['stages'][0])}</code>")
+            ("serve it", f"<code>lmops serve --stage {escape(facts['stages'][-1])}</code>")
             if facts["stages"]
             else ("serve it", "<code>lmops promote</code> it first"),
         ]
