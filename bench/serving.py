@@ -157,10 +157,19 @@ def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) 
     engine = Engine(onnx_dir, require_gpu=False, max_batch_size=32, threads=threads)
     one = timed(lambda: engine.predict(texts[:1]), seconds)
     thirty_two = timed(lambda: engine.predict(texts[:32]), seconds)
+    # POST /v1/explain's work: one session run of n+1 texts for n tokens.
+    typical = sorted(texts, key=len)[len(texts) // 2]
+    longest = "".join(texts)[:126]  # 126 characters: about 126 tokens, the cpu-demo limit
+    explain_typical = timed(lambda: engine.explain(typical, 10**6), seconds)
+    explain_longest = timed(lambda: engine.explain(longest, 10**6), seconds)
     return {
         "variant": engine.variant,
         "batch_1_ms": round(one * 1000, 3),
         "best_texts_per_s": round(32 / thirty_two, 1),
+        "explain_median_text_ms": round(explain_typical * 1000, 3),
+        "explain_median_text_tokens": len(engine.explain(typical, 10**6)["tokens"]),
+        "explain_126_chars_ms": round(explain_longest * 1000, 3),
+        "explain_126_chars_tokens": len(engine.explain(longest, 10**6)["tokens"]),
     }
 
 
@@ -325,6 +334,9 @@ def main() -> None:
         "http_32_clients_share_of_bare_engine_best": round(on32 / bare["best_texts_per_s"], 3),
         "micro_batching_vs_one_at_a_time": round(on32 / one_at_a_time, 3),
         "micro_batching_vs_off_at_32_clients": round(on32 / off32, 3),
+        "explain_median_text_vs_predict_batch1": round(
+            bare["explain_median_text_ms"] / bare["batch_1_ms"], 2
+        ),
         "server_overhead_batch1_ms": round(
             served["batching_on"]["clients_1"]["p50_ms"] - bare["batch_1_ms"], 3
         ),

@@ -221,6 +221,10 @@ class TrafficConfig(_Strict):
     rotate_mb: float = Field(gt=0)
 
 
+class ExplainConfig(_Strict):
+    max_tokens: int = Field(ge=1)
+
+
 class ServeConfig(_Strict):
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
@@ -238,6 +242,7 @@ class ServeConfig(_Strict):
     poll_seconds: float = Field(gt=0)
     drain_seconds: float = Field(ge=0)
     traffic: TrafficConfig
+    explain: ExplainConfig
 
     @property
     def pages_url(self) -> str:

@@ -29,6 +29,10 @@ class CorruptModel(LmopsError):
     """The export's files are not the ones its manifest names (a partial or damaged copy)."""
 
 
+class ExplainRefused(LmopsError):
+    """A text too long to explain within serve.explain.max_tokens (the caller's error)."""
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -142,7 +146,8 @@ class Engine:
             mask[row, : len(seq)] = 1
         return self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
 
-    def _run(self, ids: list[list[int]]) -> np.ndarray:
+    def score_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """Calibrated class probabilities of token-id sequences, in one session run."""
         return _softmax(self._session_run(ids, ["logits"])[0] / self.temperature)
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
@@ -168,7 +173,7 @@ class Engine:
         ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         for chunk in self._chunks([len(seq) for seq in ids]):
-            probs[chunk] = self._run([ids[i] for i in chunk])
+            probs[chunk] = self.score_ids([ids[i] for i in chunk])
         return probs
 
     def outputs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +199,42 @@ class Engine:
             )
             for row in self.probabilities(texts)
         ]
+
+    def explain(self, text: str, max_tokens: int) -> dict[str, Any]:
+        """The prediction for `text` and one weight per token, by occlusion (lmops/explain.py)
+        on this engine's own session: a text of n tokens costs one run of n+1 rows, so more
+        than `max_tokens` tokens is refused before anything runs."""
+        from lmops.explain import occlusion
+
+        encoding = self.tokenizer.encode(text)
+        special = {t for t, m in zip(encoding.ids, encoding.special_tokens_mask, strict=True) if m}
+        # The whole text's tokens, not only the max_length the model reads (the rest
+        # overflows): the limit is on what the caller sent.
+        count = sum(
+            len(e.ids) - sum(e.special_tokens_mask) for e in [encoding, *encoding.overflowing]
+        )
+        if count > max_tokens:
+            raise ExplainRefused(
+                f"the text has {count} tokens; explanations take at most {max_tokens} "
+                "(serve.explain.max_tokens)"
+            )
+        found = occlusion(encoding.ids, special, self.score_ids)
+        return {
+            "label": self.labels[found.label],
+            "score": found.score,
+            "model_version": self.version,
+            "truncated": bool(encoding.overflowing),
+            "tokens": [
+                {
+                    "token": encoding.tokens[i],
+                    "start": encoding.offsets[i][0],
+                    "end": encoding.offsets[i][1],
+                    "text": text[encoding.offsets[i][0] : encoding.offsets[i][1]],
+                    "weight": round(float(weight), 5),
+                }
+                for i, weight in zip(found.positions, found.weights, strict=True)
+            ],
+        }
 
     def warm_up(self) -> None:
         self.predict(["warm-up", "预热文本"] * (self.max_batch_size // 2 or 1))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import (
@@ -38,12 +39,11 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field, StrictStr
-from starlette.concurrency import run_in_threadpool
 
 from lmops import registry
 from lmops.artifacts import CorruptArtifact, DriftSummary
 from lmops.config import ServeConfig
-from lmops.engine import Engine
+from lmops.engine import Engine, ExplainRefused
 from lmops.errors import LmopsError
 from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
 from lmops.serving.pages import EXAMPLE_TEXTS, landing_page, model_page, registry_index
@@ -98,6 +98,15 @@ class PredictRequest(BaseModel):
     texts: list[StrictStr] = Field(
         description="Plain texts, at most serve.max_texts_per_request of them.",
         examples=[EXAMPLE_TEXTS],
+    )
+
+
+class ExplainRequest(BaseModel):
+    """One text whose prediction is explained token by token."""
+
+    text: StrictStr = Field(
+        description="A plain text of at most serve.explain.max_tokens tokens.",
+        examples=[EXAMPLE_TEXTS[0]],
     )
 
 
@@ -570,6 +579,37 @@ def create_app(
                 ],
             }
         )
+
+    # One explanation at a time: each is a session run of n+1 texts, and predictions must
+    # keep the rest of the cores.
+    explaining = asyncio.Semaphore(1)
+
+    @app.post("/v1/explain", dependencies=[Depends(_require_json)])
+    async def v1_explain(body: ExplainRequest) -> ORJSONResponse:
+        """The predicted label and, for each token, how much its probability falls when that
+        token alone is left out (occlusion on the served engine; negative: the label gains
+        without it). More than serve.explain.max_tokens tokens is a 422."""
+        if len(body.text) > cfg.max_chars_per_text:
+            raise ClientError(
+                422,
+                f"the text has {len(body.text):,} characters, over "
+                f"serve.max_chars_per_text={cfg.max_chars_per_text:,}",
+            )
+        try:
+            body.text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate such as "\\ud800" in the JSON
+            raise ClientError(
+                422, f"the text is not valid Unicode: {err.reason} at character {err.start}"
+            ) from None
+        engine = live_model.engine
+        started = time.perf_counter()
+        async with explaining:
+            try:
+                answer = await run_in_threadpool(engine.explain, body.text, cfg.explain.max_tokens)
+            except ExplainRefused as err:
+                raise ClientError(422, str(err)) from None
+        seconds = time.perf_counter() - started
+        return ORJSONResponse({"model": cfg.model_name, **answer, "seconds": round(seconds, 4)})
 
     def _known(name: str, version: str | None = None) -> Engine:
         """The engine answering for NAME (and VERSION, when the path names one)."""

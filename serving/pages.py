@@ -27,11 +27,47 @@ pre { padding: 0.8rem; overflow-x: auto; }
 .ok { color: #1a7f37; } .warn { color: #b35900; } .bad { color: #b3261e; }
 td.n, th.n { text-align: right; } img { max-width: 100%; border: 1px solid #eee; }
 .pictures img { width: 27rem; margin: 0 0.5rem 0.5rem 0; vertical-align: top; }
+.token { padding: 0.1rem 0.05rem; border-radius: 2px; }
+.explanation { font-size: 1.3rem; }
 .card { border-left: 3px solid #ddd; padding-left: 1rem; }
+"""
+
+# The landing page's explanation: the text laid out as it was sent, each token a span
+# whose colour's strength is its weight relative to the largest.
+EXPLAIN_SCRIPT = """
+document.getElementById('explain-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const out = document.getElementById('explanation');
+  const text = document.getElementById('explain-text').value;
+  const response = await fetch('v1/explain', {method: 'POST',
+    headers: {'content-type': 'application/json'}, body: JSON.stringify({text})});
+  const answer = await response.json();
+  if (!response.ok) { out.textContent = answer.error; return; }
+  const top = Math.max(1e-9, ...answer.tokens.map(t => Math.abs(t.weight)));
+  const label = document.createElement('b');
+  label.textContent = `${answer.label} (${answer.score.toFixed(3)}, ${answer.model_version}): `;
+  const parts = [label];
+  let at = 0;
+  for (const token of answer.tokens) {
+    parts.push(document.createTextNode(text.slice(at, token.start)));
+    const span = document.createElement('span');
+    span.className = 'token';
+    span.textContent = text.slice(token.start, token.end);
+    span.title = `${token.token}: ${token.weight}`;
+    const strength = (Math.abs(token.weight) / top).toFixed(3);
+    span.style.background = token.weight >= 0 ? `rgba(26,127,55,${strength})`
+                                               : `rgba(179,38,30,${strength})`;
+    parts.push(span);
+    at = token.end;
+  }
+  parts.push(document.createTextNode(text.slice(at)));
+  out.replaceChildren(...parts);
+});
 """
 
 ENDPOINTS = [
     ("POST", "/v1/predict", "labels and probabilities for a list of texts"),
+    ("POST", "/v1/explain", "why: each token's weight for the predicted label (occlusion)"),
     ("POST", "/v2/models/{model}/infer", "the Open Inference Protocol (JSON or binary tensors)"),
     ("GET", "/v2/models/{model}", "model metadata: version, labels, variant, providers"),
     ("GET", "/v2/models/{model}/config", "Triton's model configuration"),
@@ -96,6 +132,15 @@ def landing_page(
 <table>{facts}</table>
 <h2>Try it</h2>
 <pre id="curl">{escape(curl)}</pre>
+<h2>Why? An explanation</h2>
+<form id="explain-form"><input id="explain-text" size="44" value="{escape(EXAMPLE_TEXTS[0])}">
+<button>Explain</button></form>
+<p id="explanation" class="explanation"></p>
+<p class="sub">Each token coloured by how much the predicted label's probability falls
+without it (<span style="background:rgba(26,127,55,.5)">for the label</span>,
+<span style="background:rgba(179,38,30,.5)">against it</span>): <code>POST /v1/explain</code>,
+occlusion on the served engine.</p>
+<script>{EXPLAIN_SCRIPT}</script>
 <h2>Endpoints</h2>
 <table><tr><th>method</th><th>path</th><th>what</th></tr>{endpoints}</table>
 <p><a href="docs">API docs</a> · <a href="models">registered models</a> ·

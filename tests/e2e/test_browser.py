@@ -6,6 +6,7 @@ is read from the live DOM."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,33 @@ def test_the_landing_page_says_what_is_served(served: tuple[str, Path], page: Pa
     assert metadata["versions"][0] in dom
     assert "curl -s" in dom and "/v1/predict" in dom
     assert ", ".join(metadata["parameters"]["labels"]) in dom
+    assert page.remote_requests() == []
+
+
+def test_the_landing_page_colours_each_token_of_an_explanation(
+    served: tuple[str, Path], page: Page
+) -> None:
+    url, _ = served
+    page.open(f"{url}/", "document.getElementById('explain-form')")
+    text = page.evaluate("document.getElementById('explain-text').value")
+    page.evaluate("document.querySelector('#explain-form button').click()")
+    deadline = time.monotonic() + 30
+    while not page.evaluate("document.querySelectorAll('#explanation .token').length"):
+        assert time.monotonic() < deadline, "no explanation was drawn"
+        time.sleep(0.2)
+    answer = httpx.post(f"{url}/v1/explain", json={"text": text}).json()
+    drawn = page.evaluate(
+        "Array.from(document.querySelectorAll('#explanation .token'))"
+        ".map(s => [s.textContent, getComputedStyle(s).backgroundColor])"
+    )
+    assert [t for t, _ in drawn] == [t["text"] for t in answer["tokens"]]
+    # The heaviest token is drawn at full strength, in the colour of its sign.
+    heaviest = max(range(len(drawn)), key=lambda i: abs(answer["tokens"][i]["weight"]))
+    colour = "rgb(26, 127, 55)" if answer["tokens"][heaviest]["weight"] >= 0 else "rgb(179, 38, 30)"
+    assert drawn[heaviest][1] == colour
+    assert page.evaluate("document.getElementById('explanation').textContent").endswith(
+        text[answer["tokens"][-1]["end"] :]
+    )
     assert page.remote_requests() == []
 
 

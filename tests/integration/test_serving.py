@@ -177,6 +177,51 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(
     assert httpx.post(f"{server}/v1/predict", json={"texts": ["still here"]}).status_code == 200
 
 
+def test_explain_weighs_each_token_by_what_leaving_it_out_costs(
+    server: str, engine: Engine, texts: list[str]
+) -> None:
+    """Each token's weight is the fall in the label's probability without that token:
+    checked against /v1/predict on the text with that character cut out (the tiny model's
+    tokens are single CJK characters)."""
+    text = next(t for t in texts if 8 <= len(t) <= 20 and all("\u4e00" <= c <= "\u9fff" for c in t))
+    response = httpx.post(f"{server}/v1/explain", json={"text": text}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == engine.version and body["truncated"] is False
+    tokens = body["tokens"]
+    assert [t["text"] for t in tokens] == list(text)  # one span per character, in order
+    assert [(t["start"], t["end"]) for t in tokens] == [(i, i + 1) for i in range(len(text))]
+    label = body["label"]
+    cut = [text[: t["start"]] + text[t["end"] :] for t in tokens]
+    predicted = httpx.post(f"{server}/v1/predict", json={"texts": [text, *cut]}).json()
+    whole, *without = (p["probabilities"][label] for p in predicted["predictions"])
+    assert whole == pytest.approx(body["score"], abs=0.02)
+    # int8 quantises per batch: the same texts in another batch differ by a little.
+    for token, alone in zip(tokens, without, strict=True):
+        assert token["weight"] == pytest.approx(whole - alone, abs=0.03)
+    assert max(abs(t["weight"]) for t in tokens) > 0.001  # not all zero
+
+
+def test_explain_refuses_a_text_over_max_tokens_and_keeps_serving(server: str) -> None:
+    limit = load_params(REPO_ROOT).serve.explain.max_tokens
+    response = httpx.post(f"{server}/v1/explain", json={"text": "好" * (limit + 1)}, timeout=30)
+    assert response.status_code == 422
+    assert f"{limit + 1} tokens" in response.json()["error"]
+    assert "serve.explain.max_tokens" in response.json()["error"]
+    # A field misnamed, a list, a lone surrogate (escaped in the JSON itself).
+    for bad in ('{"txt": "x"}', '{"text": ["a list"]}', '{"text": "\\ud800"}'):
+        refused = httpx.post(
+            f"{server}/v1/explain",
+            content=bad,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert refused.status_code == 422, bad
+    at_limit = httpx.post(f"{server}/v1/explain", json={"text": "好" * limit}, timeout=30)
+    assert at_limit.status_code == 200 and len(at_limit.json()["tokens"]) <= limit
+    assert httpx.post(f"{server}/v1/predict", json={"texts": ["still here"]}).status_code == 200
+
+
 def test_200_concurrent_callers_each_get_their_own_answers(
     server: str, engine: Engine, texts: list[str]
 ) -> None:
