@@ -3,12 +3,18 @@
 A failing batch stops the run: it is copied with GX's result and Data Docs to
 `data/quarantine/<timestamp>/`, the error names each failed expectation with a few
 offending rows, and the last good `data/validated/` is left exactly as it was.
+
+The Data Docs keep every run: GX's results are stored beside the pages (`results/`), each
+run starts from the last published site, and the index lists them all. The pages are made
+to read offline (lmops/datadocs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +28,7 @@ import pandas as pd
 from lmops.artifacts import DataManifest, SourceSummary
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import ValidationConfig
+from lmops.datadocs import make_offline
 from lmops.errors import DataError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ TABLES = ("train", "val", "test", "corpus")
 # U+FFFD marks bytes a decoder could not read; NUL and stray surrogates are never text.
 UNREADABLE = r"[\ufffd\x00\ud800-\udfff]"
 DOCS_SITE = "lmops"
+RESULTS_DIR = "results"  # GX's stored validation results, inside the Data Docs folder
 
 
 def _load(ingested_dir: Path) -> dict[str, pd.DataFrame]:
@@ -53,8 +61,30 @@ def _text_expectations(gxe: Any, cfg: ValidationConfig, min_rows: int) -> list[A
     ]
 
 
-def build_suites(gx: Any, cfg: ValidationConfig, labels: list[str]) -> dict[str, Any]:
-    """One suite per batch: the three labelled splits, the corpus, and all splits together."""
+def _class_share(gxe: Any, label: str, share: float, rows: int) -> Any:
+    """The class `label` holds at least `share` of the rows, checked as a count of its rows.
+
+    `ExpectColumnValuesToBeInSet([label], mostly=share)` checks the same, but Data Docs show
+    its passing result as "48% unexpected" (the other classes' rows): it reads as a failure."""
+    from great_expectations.expectations.row_conditions import Column
+
+    # Rounded first: 0.2 * 1200 is 240.00000000000003 in floating point.
+    minimum = math.ceil(round(share * rows, 9))
+    return gxe.ExpectTableRowCountToBeBetween(
+        min_value=minimum,
+        row_condition=Column("label") == label,
+        description=(
+            f"At least {share * 100:g}% of the rows ({minimum:,} of {rows:,}) are labelled "
+            f"{label!r}"
+        ),
+    )
+
+
+def build_suites(
+    gx: Any, cfg: ValidationConfig, labels: list[str], rows: dict[str, int]
+) -> dict[str, Any]:
+    """One suite per batch: the three labelled splits, the corpus, and all splits together.
+    `rows` has each split's row count, which the class shares are counted against."""
     import great_expectations.expectations as gxe
 
     suites: dict[str, Any] = {}
@@ -69,13 +99,8 @@ def build_suites(gx: Any, cfg: ValidationConfig, labels: list[str]) -> dict[str,
         suite.add_expectation(
             gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=labels)
         )
-        # "This class holds at least min_class_share of the rows", per class.
         for label in labels:
-            suite.add_expectation(
-                gxe.ExpectColumnValuesToBeInSet(
-                    column="label", value_set=[label], mostly=cfg.min_class_share
-                )
-            )
+            suite.add_expectation(_class_share(gxe, label, cfg.min_class_share, rows[split]))
         suites[split] = suite
     corpus = gx.ExpectationSuite(name="lmops_corpus")
     corpus.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=["text"], exact_match=True))
@@ -97,24 +122,33 @@ def _batches(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 def _context(gx: Any, docs_dir: Path) -> Any:
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    for site in list(context.get_site_names()):
-        context.delete_data_docs_site(site)
-    context.add_data_docs_site(
-        site_name=DOCS_SITE,
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(docs_dir),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
+    """An in-memory context whose validation results and Data Docs are files in `docs_dir`:
+    the index lists every result stored there, from this run and the earlier ones."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
     )
-    return context
+
+    def files(path: Path) -> dict[str, str]:
+        return {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(path)}
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites={
+            DOCS_SITE: {
+                "class_name": "SiteBuilder",
+                "store_backend": files(docs_dir),
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "show_how_to_buttons": False,  # GX's tutorial pop-up over every result page
+            }
+        },
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    config.stores[config.validation_results_store_name]["store_backend"] = files(
+        docs_dir / RESULTS_DIR
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
 
 
 def _offending_rows(result: Any, frame: pd.DataFrame) -> str:
@@ -139,13 +173,14 @@ def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
     kwargs = {k: v for k, v in config.kwargs.items() if k not in {"batch_id"}}
     if len(str(kwargs)) > 120:
         kwargs = {k: v for k, v in kwargs.items() if k in {"column", "mostly"}}
+    what = repr(config.description) if config.description else kwargs
     raised = result.exception_info.get("raised_exception")
     detail = (
         f"could not be evaluated: {result.exception_info.get('exception_message')}"
         if raised
         else _offending_rows(result, frame)
     )
-    return f"{batch}: {config.type} {kwargs} failed — {detail}"
+    return f"{batch}: {config.type} {what} failed — {detail}"
 
 
 def label_contract(
@@ -199,18 +234,26 @@ def validate_tables(
     docs_dir: Path,
     show_rows: int,
     labels: list[str],
+    run_name: str,
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Run every suite; return the failure lines, per-batch stats and GX's raw results."""
+    """Run every suite; return the failure lines, per-batch stats and GX's raw results.
+
+    Every batch is validated under one run (`run_name`, now), so the Data Docs index shows
+    the batches of one run together; the pages are then made to read offline."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     context = _context(gx, docs_dir)
     source = context.data_sources.add_pandas("lmops")
+    run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
     failures: list[str] = []
     stats: dict[str, Any] = {}
     raw_results: dict[str, Any] = {}
-    for batch, suite in build_suites(gx, cfg, labels).items():
-        frame = _batches(tables)[batch]
+    batches = _batches(tables)
+    rows = {split: len(frame) for split, frame in batches.items()}
+    for batch, suite in build_suites(gx, cfg, labels, rows).items():
+        frame = batches[batch]
         definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
         validation = context.validation_definitions.add(
             gx.ValidationDefinition(name=batch, data=definition, suite=context.suites.add(suite))
@@ -223,13 +266,21 @@ def validate_tables(
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": show_rows},
             )
         )
-        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
         raw_results[batch] = outcome.describe_dict()
         results = [r for run in outcome.run_results.values() for r in run.results]
         failed = [r for r in results if not r.success or r.exception_info.get("raised_exception")]
         failures.extend(_describe_failure(batch, r, frame) for r in failed)
         stats[batch] = {"rows": len(frame), "expectations": len(results), "failed": len(failed)}
+    make_offline(docs_dir)
     return failures, stats, raw_results
+
+
+def run_name(manifest: DataManifest) -> str:
+    """The name the Data Docs give a run (and a folder of their pages): a digest of the
+    tables' contents, so two runs on the same data say so."""
+    contents = "".join(f"{t}:{h};" for t, h in sorted(manifest.content_sha256.items()))
+    return f"data-{hashlib.sha256(contents.encode()).hexdigest()[:12]}"
 
 
 def _quarantine(ingested_dir: Path, quarantine_root: Path, docs: Path, raw: dict) -> Path:
@@ -264,8 +315,10 @@ def run(
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch_docs = Path(tempfile.mkdtemp(prefix=".docs-", dir=docs_dir.parent))
     try:
+        if docs_dir.is_dir():  # the earlier runs' results and pages, for the index
+            shutil.copytree(docs_dir, scratch_docs, dirs_exist_ok=True)
         failures, stats, raw = validate_tables(
-            tables, cfg, scratch_docs, cfg.show_failed_rows, labels
+            tables, cfg, scratch_docs, cfg.show_failed_rows, labels, run_name(ingested)
         )
         if changed:
             failures.insert(0, changed)
@@ -292,4 +345,3 @@ def run(
         docs_dir / "index.html",
     )
     return summary
-

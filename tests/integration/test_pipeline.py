@@ -115,7 +115,7 @@ def test_failing_validation_quarantines_and_keeps_validated_data(
     result = _lmops_run(project, prefect_server, "--set", "validation.min_class_share=0.6")
     assert result.returncode == 1
     assert "error: stage validate failed" in result.stderr
-    assert "expect_column_values_to_be_in_set" in result.stderr
+    assert "expect_table_row_count_to_be_between" in result.stderr
     assert "Traceback" not in result.stderr
     assert tree_digest(project / "data" / "validated") == validated_before
     assert len(list((project / "data" / "quarantine").iterdir())) == 1
