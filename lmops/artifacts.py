@@ -219,6 +219,8 @@ class TrafficRecord(_Artifact):
     model_version: str
     text: str | None = None
     text_sha256: str | None = None
+    # Personal data replaced in `text` before it was written, by kind (lmops/pii.py).
+    pii_redacted: dict[str, int] | None = None
 
     def line(self) -> str:
         """The record as one line of the log, without the newline."""

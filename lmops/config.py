@@ -218,6 +218,7 @@ class ExportConfig(_Strict):
 class TrafficConfig(_Strict):
     dir: str = Field(min_length=1)
     store_text: bool
+    redact_pii: bool
     rotate_mb: float = Field(gt=0)
 
 

@@ -315,6 +315,7 @@ def create_app(
         cfg.traffic.store_text,
         cfg.traffic.rotate_mb,
         on_error=lambda kind: metrics.traffic_log_errors.labels(kind).inc(),
+        redact_pii=cfg.traffic.redact_pii,
     )
     live_model = LiveModel(engine)
     stats = InferenceStats()

@@ -2,6 +2,9 @@
 
 Files are `traffic-<UTC hour>.jsonl` under the configured folder, with a numeric suffix
 when one grows past `rotate_mb`; with `store_text: false` only the text's SHA-256 is kept.
+With `redact_pii` (the default) personal data in a text — phone, ID and card numbers,
+e-mail and IP addresses (lmops/pii.py) — is replaced by a typed placeholder before the
+text touches disk; each record counts what was replaced.
 
 The log must never fail a prediction. Requests only put their records on a bounded queue;
 one writer thread appends them. A write that fails (folder missing or replaced by a file,
@@ -24,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lmops import pii
 from lmops.artifacts import TrafficRecord, traffic_file_name
 
 log = logging.getLogger(__name__)
@@ -43,11 +47,13 @@ class TrafficLog:
         rotate_mb: float,
         on_error: Callable[[str], None] | None = None,
         max_pending: int = MAX_PENDING,
+        redact_pii: bool = True,
     ) -> None:
         """`on_error(kind)` hears of every request whose records were lost: kind "write"
         (the disk refused them) or "dropped" (the writer was too far behind)."""
         self.directory = directory
         self.store_text = store_text
+        self.redact_pii = redact_pii
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
         self._on_error = on_error or (lambda kind: None)
         self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
@@ -81,21 +87,26 @@ class TrafficLog:
     def _encoded(self, request: tuple[Any, ...]) -> bytes:
         """One request's records as log lines (lmops/artifacts.py TrafficRecord)."""
         when, request_id, texts, predictions, latency_ms = request
-        lines = [
-            TrafficRecord(
-                timestamp=when,
-                request_id=request_id,
-                label=prediction.label,
-                score=round(prediction.score, 6),
-                latency_ms=round(latency_ms, 3),
-                model_version=prediction.model_version,
-                text=text if self.store_text else None,
-                text_sha256=None
-                if self.store_text
-                else hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            ).line()
-            for text, prediction in zip(texts, predictions, strict=True)
-        ]
+        lines = []
+        for text, prediction in zip(texts, predictions, strict=True):
+            stored, redacted = (
+                pii.redact(text) if self.store_text and self.redact_pii else (text, None)
+            )
+            lines.append(
+                TrafficRecord(
+                    timestamp=when,
+                    request_id=request_id,
+                    label=prediction.label,
+                    score=round(prediction.score, 6),
+                    latency_ms=round(latency_ms, 3),
+                    model_version=prediction.model_version,
+                    text=stored if self.store_text else None,
+                    text_sha256=None
+                    if self.store_text
+                    else hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                    pii_redacted=dict(redacted) if redacted else None,
+                ).line()
+            )
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def flush(self) -> None:

@@ -145,16 +145,23 @@ def test_simulated_traffic_reaches_the_log_and_the_monitor(served: tuple[Path, s
         result = lmops(root, "simulate-traffic", "--scenario", scenario, "--n", "60", "--url", url)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"{scenario}: sent 60 texts to {url}/v1/predict, 60 answered" in result.stdout
+    # Texts with phone numbers: redacted in the log (serve.traffic.redact_pii), and the
+    # monitor reads the redacted texts like any other.
+    with_phones = [f"客服电话1381234{n:04d}，态度很好" for n in range(10)]
+    assert httpx.post(f"{url}/v1/predict", json={"texts": with_phones}).status_code == 200
+    time.sleep(1)  # written by the log's own thread
     records = [
         json.loads(line)
         for path in sorted((root / "data" / "traffic").glob("traffic-*.jsonl"))
         for line in path.read_text("utf-8").splitlines()
     ]
-    assert len(records) == 120
+    assert len(records) == 130
     assert set(news_sentences(60, seed=0, root=REPO_ROOT)) <= {r["text"] for r in records}
+    assert sum(r["text"] == "客服电话[PHONE]，态度很好" for r in records) == 10
+    assert not any("1381234" in r["text"] for r in records)
     summary = json.loads(lmops(root, "monitor", "--json").stdout)
-    assert summary["status"] == "ok" and summary["rows"]["current"] == 120
-    assert summary["traffic"]["served_by"] == {records[0]["model_version"]: 120}
+    assert summary["status"] == "ok" and summary["rows"]["current"] == 130
+    assert summary["traffic"]["served_by"] == {records[0]["model_version"]: 130}
 
 
 def test_simulate_traffic_without_a_server_is_one_clear_line(

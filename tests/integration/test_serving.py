@@ -293,6 +293,29 @@ def test_traffic_log_records_every_prediction(server: str, workspace: Path) -> N
     assert set(record) >= {"timestamp", "label", "score", "latency_ms", "model_version"}
 
 
+def test_personal_data_never_reaches_the_traffic_log(server: str, workspace: Path) -> None:
+    """serve.traffic.redact_pii (on by default): the answer is the model's, the log keeps
+    the text with [PHONE] and [ID] in place of the numbers, and counts them."""
+    marker = f"pii check {time.time()}"
+    text = f"{marker} 快递员电话13812345678，身份证11010519491231002X"
+    answer = httpx.post(
+        f"{server}/v1/predict", json={"texts": [text]}, headers={"x-request-id": "p-1"}
+    )
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        raw = "".join(
+            path.read_text("utf-8") for path in (workspace / "data" / "traffic").glob("*.jsonl")
+        )
+        if marker in raw or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert "13812345678" not in raw and "11010519491231002X" not in raw
+    (record,) = [json.loads(line) for line in raw.splitlines() if marker in line]
+    assert record["text"] == f"{marker} 快递员电话[PHONE]，身份证[ID]"
+    assert record["pii_redacted"] == {"PHONE": 1, "ID": 1}
+
+
 def test_traffic_log_can_store_a_hash_instead_of_the_text(tmp_path: Path) -> None:
     from lmops.engine import Prediction
     from lmops.serving.traffic import TrafficLog
