@@ -186,6 +186,8 @@ def _manifest_markdown(manifest: DataManifest, docs_url: str, stages: list[dict]
         f"Labels: {', '.join(manifest.labelled.labels or [])}. "
         f"Sources: `{manifest.labelled.spec}`, `{manifest.corpus.spec}`.",
         "",
+        manifest.personal_data.line() if manifest.personal_data else "",
+        "",
         f"Validation report (Great Expectations Data Docs, shown by `lmops serve`): {docs_url}",
         "",
         "| stage | result | outputs in dvc.lock (md5) |",

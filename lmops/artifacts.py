@@ -72,6 +72,26 @@ class SourceSummary(_Artifact):
     labels: list[str] | None = None  # the labelled source only
 
 
+class PersonalData(_Artifact):
+    """What the validate stage found of personal data (lmops/pii.py), per table and kind,
+    and what it did: validation.pii is warn (kept), redact (replaced) or fail (refused)."""
+
+    policy: Literal["fail", "redact", "warn"]
+    found: dict[str, dict[str, int]]
+    redacted: bool
+
+    def line(self) -> str:
+        """One sentence for the run's artifacts: what was found where, and what was done."""
+        if not self.found:
+            return f"Personal data (validation.pii: {self.policy}): none found."
+        where = "; ".join(
+            f"{table} " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+            for table, kinds in self.found.items()
+        )
+        done = "replaced by placeholders" if self.redacted else "kept"
+        return f"Personal data (validation.pii: {self.policy}): {where}; {done}."
+
+
 class DataManifest(_Artifact):
     FILE: ClassVar[str] = "manifest.json"
 
@@ -82,6 +102,8 @@ class DataManifest(_Artifact):
     rows: dict[str, int]
     class_counts: dict[str, dict[str, int]]
     content_sha256: dict[str, str]
+    # Written by validate (ingest does not look).
+    personal_data: PersonalData | None = None
 
     @classmethod
     def of(cls, data_dir: Path) -> DataManifest:

@@ -70,6 +70,7 @@ class ValidationConfig(_Strict):
     labels: list[str] | Literal["auto"] | None
     min_class_share: float = Field(gt=0, lt=1)
     show_failed_rows: int = Field(ge=1)
+    pii: Literal["fail", "redact", "warn"]
 
 
 class TokenizerConfig(_Strict):

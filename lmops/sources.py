@@ -204,3 +204,11 @@ def read_corpus(spec: str, root: Path, key: str = "data.corpus") -> RawSource:
         found = ", ".join(map(str, raw.frame.columns))
         raise DataError(f"{key}: {spec} lacks column text (found: {found})")
     return raw
+
+
+def content_sha256(frame: pd.DataFrame) -> str:
+    """A hash of the rows themselves, independent of how Parquet encodes them."""
+    digest = hashlib.sha256()
+    for row in frame.itertuples(index=False):
+        digest.update("\x1f".join(map(str, row)).encode("utf-8") + b"\x1e")
+    return digest.hexdigest()

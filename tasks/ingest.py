@@ -6,7 +6,6 @@ unless the whole stage succeeds.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import unicodedata
 from pathlib import Path
@@ -18,7 +17,7 @@ from lmops.artifacts import DataManifest
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import DataConfig
 from lmops.errors import DataError
-from lmops.sources import read_corpus, read_labelled
+from lmops.sources import content_sha256, read_corpus, read_labelled
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +127,6 @@ def _stratified_split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.Data
         name: part.reset_index(drop=True)
         for name, part in zip(SPLITS, (train, val, test), strict=True)
     }
-
-
-def content_sha256(frame: pd.DataFrame) -> str:
-    """A hash of the rows themselves, independent of how Parquet encodes them."""
-    digest = hashlib.sha256()
-    for row in frame.itertuples(index=False):
-        digest.update("\x1f".join(map(str, row)).encode("utf-8") + b"\x1e")
-    return digest.hexdigest()
 
 
 def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFrame], dict]:

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +26,12 @@ from typing import Any
 
 import pandas as pd
 
-from lmops.artifacts import DataManifest, SourceSummary
+from lmops.artifacts import DataManifest, PersonalData, SourceSummary
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import ValidationConfig
 from lmops.datadocs import make_offline
 from lmops.errors import DataError, ValidationFailed
+from lmops.sources import content_sha256
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,54 @@ def run_name(manifest: DataManifest) -> str:
     return f"data-{hashlib.sha256(contents.encode()).hexdigest()[:12]}"
 
 
+def _personal_data(tables: dict[str, pd.DataFrame]) -> dict[str, dict[int, dict[str, int]]]:
+    """Per table, the rows (by position) holding personal data, with each kind's count."""
+    from lmops import pii
+
+    found: dict[str, dict[int, dict[str, int]]] = {}
+    for name, table in tables.items():
+        rows = {}
+        for row, text in enumerate(table["text"]):
+            kinds = Counter(kind for kind, _, _ in pii.find(text))
+            if kinds:
+                rows[row] = dict(kinds)
+        if rows:
+            found[name] = rows
+    return found
+
+
+def _kind_totals(rows: dict[int, dict[str, int]]) -> dict[str, int]:
+    return dict(sum((Counter(kinds) for kinds in rows.values()), Counter()))
+
+
+def _personal_data_failure(found: dict[str, dict[int, dict[str, int]]], shown: int) -> str:
+    """The failure line: kinds, counts and row numbers, never the personal data itself."""
+    parts = [
+        f"{name}: "
+        + ", ".join(f"{n} {kind}" for kind, n in sorted(_kind_totals(rows).items()))
+        + f" in rows {', '.join(map(str, list(rows)[:shown]))}"
+        + (", …" if len(rows) > shown else "")
+        for name, rows in found.items()
+    ]
+    return "personal data (validation.pii: fail; redact replaces it): " + "; ".join(parts)
+
+
+def _redact(
+    tables: dict[str, pd.DataFrame], personal: dict[str, dict[int, dict[str, int]]]
+) -> dict[str, pd.DataFrame]:
+    """The tables that held personal data, each match replaced by its placeholder."""
+    from lmops import pii
+
+    redacted = {}
+    for name, rows in personal.items():
+        table = tables[name].copy()
+        column = table.columns.get_loc("text")
+        for row in rows:
+            table.iat[row, column] = pii.redact(table.iat[row, column])[0]
+        redacted[name] = table
+    return redacted
+
+
 def _quarantine(ingested_dir: Path, quarantine_root: Path, docs: Path, raw: dict) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     target = quarantine_root / stamp
@@ -322,16 +372,41 @@ def run(
         )
         if changed:
             failures.insert(0, changed)
+        personal = _personal_data(tables)
+        if personal and cfg.pii == "fail":
+            failures.append(_personal_data_failure(personal, cfg.show_failed_rows))
         if failures:
             where = _quarantine(ingested_dir, quarantine_root, scratch_docs, raw)
             raise ValidationFailed(
                 f"{len(failures)} expectation(s) failed; batch quarantined in {where} "
                 f"(last good {validated_dir} untouched):\n  " + "\n  ".join(failures)
             )
+        redacted = _redact(tables, personal) if cfg.pii == "redact" else {}
+        manifest = ingested.model_copy(
+            update={
+                "personal_data": PersonalData(
+                    policy=cfg.pii,
+                    found={name: _kind_totals(rows) for name, rows in personal.items()},
+                    redacted=bool(redacted),
+                ),
+                "content_sha256": {
+                    **ingested.content_sha256,
+                    **{name: content_sha256(table) for name, table in redacted.items()},
+                },
+            }
+        )
+        if personal and cfg.pii == "warn":
+            log.warning(
+                "validate: personal data kept (validation.pii: warn): %s",
+                manifest.personal_data.found,
+            )
         with atomic_dir(validated_dir) as scratch:
-            for name in (*TABLES, "manifest"):
-                suffix = ".json" if name == "manifest" else ".parquet"
-                shutil.copy2(ingested_dir / f"{name}{suffix}", scratch / f"{name}{suffix}")
+            for name in TABLES:
+                if name in redacted:
+                    redacted[name].to_parquet(scratch / f"{name}.parquet", index=False)
+                else:
+                    shutil.copy2(ingested_dir / f"{name}.parquet", scratch / f"{name}.parquet")
+            manifest.write(scratch / DataManifest.FILE)
         with atomic_dir(docs_dir) as published:
             shutil.copytree(scratch_docs, published, dirs_exist_ok=True)
     finally:

@@ -92,6 +92,7 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
 
     artifact = latest_artifact(prefect_server["api_url"], "data-manifest")
     assert "| train | 1,200 |" in artifact["data"]
+    assert "Personal data (validation.pii: redact)" in artifact["data"]
     # An http link to `lmops serve` (a browser blocks file:// links from Prefect's UI).
     assert "http://127.0.0.1:8000/reports/validation/index.html" in artifact["data"]
     assert "skipped (up to date)" in artifact["data"]

@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmops.artifacts import SourceSummary
+from lmops import pii
+from lmops.artifacts import DataManifest, SourceSummary
 from lmops.errors import ValidationFailed
+from lmops.sources import content_sha256
 from lmops.tasks import ingest, validate
 from tests.conftest import params_with, tree_digest
 
@@ -53,9 +55,11 @@ def test_real_data_passes_and_publishes_data_docs(
     assert (tmp_path / "docs" / "index.html").is_file()
     assert list((tmp_path / "docs" / "validations").rglob("*.html"))
     for name in ("train", "val", "test", "corpus"):
-        assert pd.read_parquet(tmp_path / "validated" / f"{name}.parquet").equals(
-            pd.read_parquet(ingested / f"{name}.parquet")
-        )
+        # Published as ingested, but for personal data (validation.pii: redact by default).
+        published = pd.read_parquet(tmp_path / "validated" / f"{name}.parquet")
+        expected = pd.read_parquet(ingested / f"{name}.parquet")
+        expected["text"] = [pii.redact(text)[0] for text in expected["text"]]
+        assert published.equals(expected)
     assert json.loads((tmp_path / "v.json").read_text("utf-8"))["success"] is True
     assert not (tmp_path / "quarantine").exists()
 
@@ -137,6 +141,57 @@ def test_broken_contract_is_quarantined_and_keeps_last_good_data(
     assert (quarantined / "data_docs" / "index.html").is_file()
     gx_result = json.loads((quarantined / "gx_result.json").read_text("utf-8"))
     assert any(not batch["success"] for batch in gx_result.values())
+
+
+PHONE, ID = "13812345678", "11010519491231002X"
+
+
+@pytest.mark.slow
+def test_personal_data_is_refused_redacted_or_kept_as_the_policy_says(
+    repo_params_raw: dict, ingested: Path, tmp_path: Path
+) -> None:
+    """Seeded personal data: `fail` quarantines the batch naming kinds and rows (never the
+    data), `redact` publishes placeholders and the matching hashes, `warn` keeps it; the
+    manifest counts it under both."""
+    seeded = tmp_path / "seeded"
+    shutil.copytree(ingested, seeded)
+    tables = {t: pd.read_parquet(seeded / f"{t}.parquet") for t in validate.TABLES}
+    before = {t: pii.count(table["text"]) for t, table in tables.items()}
+    tables["train"].loc[0, "text"] += f" 快递电话{PHONE}"
+    tables["corpus"].loc[2, "text"] += f" 身份证{ID}"
+    for name, table in tables.items():
+        table.to_parquet(seeded / f"{name}.parquet", index=False)
+
+    _run(repo_params_raw, ingested, tmp_path)  # a last good version to keep
+    good = tree_digest(tmp_path / "validated")
+    with pytest.raises(ValidationFailed) as failure:
+        _run(repo_params_raw, seeded, tmp_path, validation__pii="fail")
+    message = str(failure.value)
+    assert "personal data (validation.pii: fail" in message
+    assert f"{before['train']['PHONE'] + 1} PHONE in rows 0" in message
+    assert PHONE not in message and ID not in message
+    assert tree_digest(tmp_path / "validated") == good
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+
+    _run(repo_params_raw, seeded, tmp_path, validation__pii="redact")
+    manifest = DataManifest.of(tmp_path / "validated")
+    found = manifest.personal_data.found
+    assert manifest.personal_data.redacted is True
+    assert found["train"]["PHONE"] == before["train"]["PHONE"] + 1
+    assert found["corpus"]["ID"] == before["corpus"]["ID"] + 1
+    train = pd.read_parquet(tmp_path / "validated" / "train.parquet")
+    assert train.loc[0, "text"].endswith("快递电话[PHONE]")
+    for name in validate.TABLES:
+        published = pd.read_parquet(tmp_path / "validated" / f"{name}.parquet")
+        assert not pii.count(published["text"])  # nothing left to find
+        assert manifest.content_sha256[name] == content_sha256(published)
+
+    _run(repo_params_raw, seeded, tmp_path, validation__pii="warn")
+    manifest = DataManifest.of(tmp_path / "validated")
+    assert manifest.personal_data.redacted is False
+    assert manifest.personal_data.found["train"]["PHONE"] == before["train"]["PHONE"] + 1
+    train = pd.read_parquet(tmp_path / "validated" / "train.parquet")
+    assert train.loc[0, "text"].endswith(f"快递电话{PHONE}")
 
 
 def test_label_contract_follows_the_source(repo_params_raw: dict) -> None:
