@@ -366,6 +366,17 @@ class Gates(_Artifact):
         return f"**{'passed' if self.passed else 'failed'}** — " + "; ".join(parts)
 
 
+class ExplanationCheck(_Artifact):
+    """The deletion test (tasks/error_analysis.py): deleting each text's top-weighted tokens
+    against deleting as many random ones; the first must lower the label's probability more."""
+
+    texts: int
+    deleted_share: float
+    top_tokens_drop: float
+    random_tokens_drop: float
+    top_drop_larger_share: float
+
+
 class Calibration(_Artifact):
     temperature: float
     test_ece_before: float
@@ -387,6 +398,7 @@ class Metrics(_Artifact):
     transformer_only: ClassificationMetrics | None = None
     transformer_weight: float | None = None
     ablation_no_pretraining: AblationMetrics | None = None
+    explanations: ExplanationCheck | None = None
     seconds: float
 
     def table(self) -> list[str]:

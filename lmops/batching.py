@@ -52,17 +52,29 @@ def predict_proba(
 ) -> Any:
     """A classifier's (lmops/classifier.py) class probabilities, in the order of `texts`;
     `transformer_only` leaves out an n-gram channel."""
+    ids = encode(tokenizer, texts, max_length)
+    return proba_of_ids(model, ids, tokenizer.pad_token_id, batch_size, transformer_only)
+
+
+def proba_of_ids(
+    model: Any,
+    ids: list[list[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    transformer_only: bool = False,
+) -> Any:
+    """Class probabilities of token-id sequences, in their order (the explanations score
+    texts with tokens left out this way)."""
     import numpy as np
     import torch
 
-    ids = encode(tokenizer, texts, max_length)
     device = next(model.parameters()).device
-    probs = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    probs = np.zeros((len(ids), len(model.spec.labels)), dtype=np.float32)
     forward = model.transformer_logits if transformer_only else model
     model.eval()
     with torch.no_grad():
         for batch in length_bucketed([len(s) for s in ids], batch_size, seed=None):
-            inputs = collate([ids[i] for i in batch], tokenizer.pad_token_id)
+            inputs = collate([ids[i] for i in batch], pad_id)
             logits = forward(**{k: v.to(device) for k, v in inputs.items()})[0]
             probs[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs

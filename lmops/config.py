@@ -193,12 +193,18 @@ class BaselineConfig(_Strict):
     C: float = Field(gt=0)
 
 
+class ErrorAnalysisConfig(_Strict):
+    mistakes: int = Field(ge=0)
+    deletion_texts: int = Field(ge=0)
+
+
 class EvaluateConfig(_Strict):
     baseline: BaselineConfig
     length_buckets: list[int] = Field(min_length=1)
     calibration_bins: int = Field(ge=2)
     ablation: bool
     gates: GatesConfig
+    errors: ErrorAnalysisConfig
 
 
 class ParityConfig(_Strict):

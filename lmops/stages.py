@@ -28,6 +28,7 @@ FINETUNE_METRICS = Path("reports/finetune.json")
 METRICS = Path("reports/metrics.json")
 PLOTS_DIR = Path("reports/plots")
 MODEL_CARD = Path("reports/model_card.md")
+ERRORS = Path("reports/errors.md")
 ONNX_DIR = Path("models/onnx")
 TRITON_DIR = Path("models/triton")
 
@@ -56,7 +57,7 @@ WRITES: dict[str, list[Path]] = {
     "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],
     "pretrain": [PRETRAINED_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
     "finetune": [FINETUNED_DIR, FINETUNE_LIVE, FINETUNE_METRICS],
-    "evaluate": [PLOTS_DIR, MODEL_CARD, METRICS],
+    "evaluate": [PLOTS_DIR, MODEL_CARD, ERRORS, METRICS],
     "export": [ONNX_DIR, TRITON_DIR],
 }
 # Written outside DVC on purpose: rejected batches, and checkpoints a killed run resumes.

@@ -249,6 +249,37 @@ def _history_table(events: list[dict[str, Any]]) -> str:
     )
 
 
+def _promotion_figures(events: list[dict[str, Any]]) -> str:
+    """The served variant's figures as the last promotion measured them: its accuracy and
+    latency, and each paired comparison against prod with its interval."""
+    measured = [e for e in events if "p50_latency_ms" in (e.get("metrics") or {})]
+    if not measured:
+        return "<p>Not measured yet: a promotion (<code>lmops promote</code>) measures them.</p>"
+    event = measured[-1]
+    figures = event["metrics"]
+    rows = [
+        ("test accuracy (served variant)", f"{figures['accuracy']:.4f}"),
+        ("test macro-F1", f"{figures['macro_f1']:.4f}"),
+        ("median latency, one text", f"{figures['p50_latency_ms']:.3f} ms"),
+    ]
+    rows += [
+        (
+            f"{name.replace('_', ' ')}",
+            f"{value['difference'] * 100:+.2f} points, {value['confidence']:.0%} CI "
+            f"[{value['ci_low'] * 100:+.2f}, {value['ci_high'] * 100:+.2f}] ({value['rule']})",
+        )
+        for name, value in figures.items()
+        if isinstance(value, dict) and "ci_low" in value
+    ]
+    when = escape(event["when"][:19].replace("T", " "))
+    return (
+        f"<p>Measured by the {escape(event['event'])} of {when} UTC "
+        f"({escape(event['by'])}).</p><table>"
+        + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
+
+
 def _drift(drift: Any, drift_problem: str | None) -> str:
     if drift_problem:
         return f'<p class="warn">{escape(drift_problem)}</p>'
@@ -317,6 +348,8 @@ def model_page(
         '<p class="sub"><a href="../models">all versions</a> · <a href="../">this server</a>'
         f"</p><table>{facts_rows}</table>"
         f"<h2>Test metrics</h2>{metrics}"
+        f"<h2>Served variant, as promotion measured it</h2>"
+        f"{_promotion_figures(facts['history'])}"
         f"<h2>Pictures</h2><div class=pictures>{pictures or '<p>none</p>'}</div>"
         f"<h2>History</h2>{_history_table(facts['history'])}"
         f"<h2>Latest drift check</h2>{_drift(drift, drift_problem)}"

@@ -353,6 +353,7 @@ def run(
     metrics_path: Path,
     plots_dir: Path,
     model_card_path: Path,
+    errors_path: Path,
     live_dirs: dict[str, Path] | None = None,
     stage_runs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
@@ -424,6 +425,30 @@ def run(
             **scratch.model_dump(),
             pretraining_gain=round(pretrained.accuracy - scratch.accuracy, 5),
         )
+    explanations, errors_markdown = None, None
+    if cfg.errors.mistakes or cfg.errors.deletion_texts:
+        from lmops.tasks import error_analysis
+
+        score = error_analysis.calibrated_scorer(
+            model, tokenizer.pad_token_id, model.spec.temperature
+        )
+        if cfg.errors.deletion_texts:
+            sample = test["text"].sample(
+                n=min(cfg.errors.deletion_texts, len(test)), random_state=0
+            )
+            explanations = error_analysis.deletion_check(
+                sample.tolist(), tokenizer, model_cfg.max_length, score, seed=0
+            )
+        errors_markdown = error_analysis.mistakes_markdown(
+            texts,
+            targets,
+            probs,
+            labels,
+            tokenizer,
+            model_cfg.max_length,
+            score,
+            cfg.errors.mistakes,
+        )
     metrics = Metrics(
         test_rows=len(test),
         labels=labels,
@@ -435,6 +460,7 @@ def run(
         transformer_only=transformer_only,
         transformer_weight=model.spec.transformer_weight if transformer_only else None,
         ablation_no_pretraining=ablation,
+        explanations=explanations,
         seconds=round(time.perf_counter() - started, 2),
     )
 
@@ -473,6 +499,10 @@ def run(
             finetune_cfg.from_pretrained,
             {stage: StageRun.read(path) for stage, path in (stage_runs or {}).items()},
         ),
+        encoding="utf-8",
+    )
+    errors_path.write_text(
+        errors_markdown or "# Most confident mistakes\n\nNot analysed (evaluate.errors).\n",
         encoding="utf-8",
     )
     metrics.write(metrics_path)

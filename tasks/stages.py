@@ -10,6 +10,7 @@ from typing import Any
 
 from lmops.config import Params
 from lmops.stages import (
+    ERRORS,
     FINETUNE_LIVE,
     FINETUNE_METRICS,
     FINETUNED_DIR,
@@ -112,6 +113,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         metrics_path=root / METRICS,
         plots_dir=root / PLOTS_DIR,
         model_card_path=root / MODEL_CARD,
+        errors_path=root / ERRORS,
         live_dirs={"pretrain": root / PRETRAIN_LIVE, "finetune": root / FINETUNE_LIVE},
         stage_runs={"pretraining": root / PRETRAIN_METRICS, "fine-tuning": root / FINETUNE_METRICS},
     )

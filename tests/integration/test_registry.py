@@ -228,6 +228,14 @@ def test_model_pages_show_every_version_offline(
         assert f"{metrics.model.accuracy:.4f}" in dom and f"{metrics.baseline.accuracy:.4f}" in dom
         assert "prod (v0.0.1)" in dom  # beside prod's figures
         assert "registration" in dom and "assignment to prod" in dom  # its history
+        # The served variant's figures from its promotion record, and the paired gate vs prod.
+        (promoted,) = [
+            e
+            for e in registry.history(project)
+            if e["version"] == "v0.0.2" and e["stage"] == "prod"
+        ]
+        assert f"{promoted['metrics']['p50_latency_ms']:.3f} ms" in dom
+        assert "accuracy vs prod" in dom
         assert "confusion.png" in dom and "Model card" in dom
         assert "No drift check has run here yet" in dom
         assert page.remote_requests() == []

@@ -209,8 +209,21 @@ def test_finetune_and_evaluate_against_the_baseline(
         tmp_path / "metrics.json",
         tmp_path / "plots",
         tmp_path / "card.md",
+        tmp_path / "errors.md",
         live_dirs={"finetune": tmp_path / "ft-live", "pretrain": tmp_path / "no-such-live"},
     )
+    # The error analysis: the most confident mistakes, each a table row, and the deletion
+    # test's figures on the sampled texts.
+    errors = (tmp_path / "errors.md").read_text("utf-8")
+    wrong = round(150 * (1 - metrics["model"]["accuracy"]))
+    mistakes = errors.split("## Tokens")[0]
+    rows = [line for line in mistakes.splitlines() if line[:5].strip("| ").isdigit()]
+    shown = min(params.evaluate.errors.mistakes, wrong)
+    assert errors.startswith("# Most confident mistakes") and f"of {wrong:,} mistakes" in errors
+    assert len(rows) == shown
+    check = metrics["explanations"]
+    assert 0 < check["texts"] <= params.evaluate.errors.deletion_texts
+    assert 0 <= check["top_drop_larger_share"] <= 1
     calibration = metrics["calibration"]
     assert (
         calibration["temperature"]
