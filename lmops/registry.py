@@ -20,7 +20,7 @@ from typing import Any
 
 from lmops.artifacts import CorruptArtifact, Metrics, PromotionRecord, key_figures
 from lmops.errors import LmopsError
-from lmops.stages import METRICS, MODEL_CARD, PLOTS_DIR
+from lmops.stages import ERRORS, METRICS, MODEL_CARD, PLOTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ def version_page(root: Path, version: str) -> dict[str, Any]:
         if prod in (None, version)
         else readable_metrics(listed[prod]["commit"]),
         "card": read_at(root, commit, MODEL_CARD),
+        "errors": read_at(root, commit, ERRORS),
         "pictures": pictures_at(root, commit),
     }
 

@@ -306,6 +306,24 @@ def _drift(drift: Any, drift_problem: str | None) -> str:
     )
 
 
+def _errors(facts: dict[str, Any]) -> str:
+    """reports/errors.md without its own title, and the deletion test's figures."""
+    check = facts["metrics"].explanations if facts["metrics"] is not None else None
+    figures = (
+        f"<p>Deletion test on {check.texts} test texts: deleting each text's top-weighted "
+        f"{check.deleted_share:.0%} of tokens lowers the label's probability by "
+        f"{check.top_tokens_drop:.3f} on average, as many random tokens by "
+        f"{check.random_tokens_drop:.3f}; the top tokens moved it more on "
+        f"{check.top_drop_larger_share:.0%} of texts.</p>"
+        if check is not None
+        else ""
+    )
+    if not facts.get("errors"):
+        return figures + "<p>No error analysis at this commit.</p>"
+    # Its own "# ..." title gives way to the page's heading.
+    return figures + _markdown(facts["errors"].removeprefix("# Most confident mistakes"))
+
+
 def model_page(
     model_name: str,
     facts: dict[str, Any],
@@ -354,5 +372,6 @@ def model_page(
         f"<h2>History</h2>{_history_table(facts['history'])}"
         f"<h2>Latest drift check</h2>{_drift(drift, drift_problem)}"
         f"<h2>Model card</h2><div class=card>{card}</div>"
+        f"<h2>Most confident mistakes, explained</h2>{_errors(facts)}"
     )
     return _page(f"lmops — {model_name} {version}", body)

@@ -236,6 +236,7 @@ def test_model_pages_show_every_version_offline(
         ]
         assert f"{promoted['metrics']['p50_latency_ms']:.3f} ms" in dom
         assert "accuracy vs prod" in dom
+        assert "Most confident mistakes, explained" in dom and "Deletion test on" in dom
         assert "confusion.png" in dom and "Model card" in dom
         assert "No drift check has run here yet" in dom
         assert page.remote_requests() == []
