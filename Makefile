@@ -53,8 +53,12 @@ ui: install
 		--port $(UI_PORT)
 
 # A screenshot of every page (the server's, the registry's, Data Docs, dvc plots) into
-# reports/screens/, in headless chromium with no network; after `make run`.
+# reports/screens/, in headless chromium with no network, after `make run`; as root it
+# installs a CJK font from Debian's packages when none is there (Chinese text).
 screens: install browser
+	@fc-list 2>/dev/null | grep -qi -e wqy -e noto.*cjk || { test "$$(id -u)" = 0 && \
+		apt-get install -y -q fonts-wqy-microhei >/dev/null 2>&1; } || \
+		echo "warning: no CJK font (apt-get install fonts-wqy-microhei): Chinese shows as boxes"
 	$(BIN)/python -m tests.screens
 
 # The deployments of deployments/prefect.yaml on the `process` work pool (server: `make ui`).
