@@ -496,17 +496,13 @@ def create_app(
             )
         )
 
-    def _page_of(build: Any, *args: Any) -> Any:
+    async def _page_of(build: Any, *args: Any) -> HTMLResponse:
         """A registry page, built off the event loop (git and GTO take a while): a user's
         error (no registry here, an unknown version) is a 404 page that names it."""
-
-        async def page() -> HTMLResponse:
-            try:
-                return HTMLResponse(await run_in_threadpool(build, *args))
-            except LmopsError as err:
-                return HTMLResponse(f"<!doctype html><p>{escape(str(err))}</p>", status_code=404)
-
-        return page()
+        try:
+            return HTMLResponse(await run_in_threadpool(build, *args))
+        except LmopsError as err:
+            return HTMLResponse(f"<!doctype html><p>{escape(str(err))}</p>", status_code=404)
 
     def _index() -> str:
         return registry_index(cfg.model_name, registry.versions(root), live_model.engine.version)
