@@ -337,7 +337,7 @@ def _publish(root: Path, stages: list[dict[str, Any]], pages_url: str) -> dict[s
         markdown="# Evaluation\n\n"
         + metrics.markdown()
         + f"\n\nThe model card (`{MODEL_CARD}`) and the pictures ("
-        + ", ".join(f"`{plot.name}`" for plot in plots if plot.suffix == ".png")
+        + ", ".join(f"`{plot.name}`" for plot in plots)
         + ") are on the version's page once it is registered (the registry artifact links it);"
         " `dvc plots show` draws them all.",
         description="Test metrics beside the baseline, and the gates' verdict",
