@@ -38,7 +38,7 @@ from lmops.stages import (
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
-from lmops.tasks.stages import STAGES
+from lmops.tasks.stages import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "bench" / "recipes.json"
@@ -145,7 +145,7 @@ def run_recipe(
             seconds[stage] = cached_seconds if stage == "pretrain" else 0.0
             continue
         started = time.perf_counter()
-        STAGES[stage](params, root)
+        run_stage(stage, params, root)
         seconds[stage] = round(time.perf_counter() - started, 1)
     if params.finetune.from_pretrained and cache_key not in pretrained_cache:
         pretrained_cache[cache_key] = (root, seconds["pretrain"])
@@ -277,8 +277,8 @@ def main() -> None:
             data = ENGLISH if args.english else {}
             params = parse_params(override(read_raw(ROOT), {**data, "data.split.seed": seed}))
             data_root = base / f"data-seed{seed}"
-            STAGES["ingest"](params, data_root)
-            STAGES["validate"](params, data_root)
+            run_stage("ingest", params, data_root)
+            run_stage("validate", params, data_root)
             cache: dict[str, tuple[Path, float]] = {}
             for name in names:
                 runs += run_recipe(

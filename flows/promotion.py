@@ -60,14 +60,15 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
         measured = measure_versions.with_options(
             **task_options(orchestration, orchestration.task_timeout_minutes)
         )(str(root), challenger, champion)
+        evaluation = registry.metrics_at(root, commit)
         gates = promote.absolute_gates(
-            registry.metrics_at(root, commit), _manifest(root, challenger), params.export.parity
+            evaluation, _manifest(root, challenger), params.export.parity
         )
         if champion:
             gates += promote.relative_gates(measured, challenger, champion, params.promotion)
         failed = [g for g in gates if not g["passed"]]
         report = promote.markdown(challenger, champion, measured, gates)
-        figures = promote.key_figures(measured, challenger, gates)
+        figures = promote.key_figures(measured, challenger, gates, evaluation)
         if failed:
             why = "refused: " + "; ".join(
                 f"{g['gate']} {g['value']} (needed {g['threshold']})" for g in failed

@@ -152,6 +152,88 @@ class StageRun(_Artifact):
         return f"- {stage}: " + "; ".join(figures)
 
 
+# -- reports/cost/STAGE.json (every stage writes its own; evaluate sums the training ones) --
+
+
+class StageCost(_Artifact):
+    """What one run of a stage cost (lmops/cost.py). Work figures (tokens, FLOPs) only for
+    the stages that train; MFU only where the device's peak is known (a GPU's datasheet)."""
+
+    stage: str
+    wall_seconds: float
+    cpu_seconds: float
+    # Seconds the stage held a GPU (wall time x devices), 0 on a CPU.
+    gpu_seconds: float
+    peak_memory_mb: float
+    peak_gpu_memory_mb: float | None = None
+    tokens: int | None = None
+    flops: float | None = None
+    flops_per_second: float | None = None
+    mfu: float | None = None
+    energy_kwh: float | None = None
+    emissions_kg_co2e: float | None = None
+    # How the energy was estimated (codecarbon's power sources), or why there is none.
+    energy_method: str
+
+    @classmethod
+    def total(cls, runs: list[StageCost]) -> StageCost:
+        """The sum over stages (peaks: the largest), as one more row of the table."""
+
+        def summed(name: str) -> Any:
+            values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
+            return sum(values) if values else None
+
+        def peak(name: str) -> Any:
+            values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
+            return max(values) if values else None
+
+        wall, flops = summed("wall_seconds") or 0.0, summed("flops")
+        return cls(
+            stage="total",
+            wall_seconds=round(wall, 2),
+            cpu_seconds=round(summed("cpu_seconds") or 0.0, 2),
+            gpu_seconds=round(summed("gpu_seconds") or 0.0, 2),
+            peak_memory_mb=peak("peak_memory_mb") or 0.0,
+            peak_gpu_memory_mb=peak("peak_gpu_memory_mb"),
+            tokens=summed("tokens"),
+            flops=flops,
+            energy_kwh=summed("energy_kwh"),
+            emissions_kg_co2e=summed("emissions_kg_co2e"),
+            energy_method="; ".join(sorted({r.energy_method for r in runs})),
+        )
+
+    def row(self) -> str:
+        """A markdown row of the cost table (COST_HEADER)."""
+
+        def num(value: float | None, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        return (
+            f"| {self.stage} | {self.wall_seconds:,.1f} | {self.cpu_seconds:,.1f} | "
+            f"{self.gpu_seconds:,.1f} | {self.peak_memory_mb:,.0f} | {num(self.tokens, ',')} | "
+            f"{num(self.flops, '.3g')} | {num(self.mfu, '.1%')} | "
+            f"{num(self.energy_kwh and self.energy_kwh * 1000, ',.2f')} |"
+        )
+
+
+COST_HEADER = (
+    "| stage | wall s | CPU s | GPU s | peak memory MB | tokens | FLOPs | MFU | energy Wh |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+class TrainingCost(_Artifact):
+    """metrics.json's `cost`: each stage up to fine-tuning, and their total."""
+
+    stages: dict[str, StageCost]
+    total: StageCost
+    # Stages with no cost record (run outside `lmops stage`), left out of the total.
+    unrecorded: list[str] = []
+
+    def table(self) -> list[str]:
+        return [COST_HEADER, *(run.row() for run in self.stages.values()), self.total.row()]
+
+
 # -- models/onnx/manifest.json (export writes; the engine, monitor and promotion read) ---
 
 
@@ -399,6 +481,7 @@ class Metrics(_Artifact):
     transformer_weight: float | None = None
     ablation_no_pretraining: AblationMetrics | None = None
     explanations: ExplanationCheck | None = None
+    cost: TrainingCost | None = None
     seconds: float
 
     def table(self) -> list[str]:
@@ -534,6 +617,33 @@ class DriftRows(_Artifact):
     current_sampled: int | None = None
 
 
+class PerformanceEstimate(_Artifact):
+    """Accuracy estimated without labels (CBPE, lmops.stats.estimated_accuracy) on the
+    window, beside the reference: its accuracy measured with labels, and estimated the
+    same way (their gap is the calibration's bias, which the comparison cancels)."""
+
+    method: str
+    estimated_accuracy: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    reference_accuracy: float
+    reference_estimated_accuracy: float
+    drop: float
+    max_drop: float
+    degraded: bool
+
+    def line(self) -> str:
+        return (
+            f"estimated accuracy {self.estimated_accuracy:.4f} ({self.confidence:.0%} CI "
+            f"[{self.ci_low:.4f}, {self.ci_high:.4f}]) against "
+            f"{self.reference_estimated_accuracy:.4f} estimated on the reference (measured there "
+            "with labels: "
+            f"{self.reference_accuracy:.4f}); drop {self.drop * 100:+.2f} points, limit "
+            f"{self.max_drop * 100:.2f}: {'DEGRADED' if self.degraded else 'ok'}"
+        )
+
+
 class DriftSummary(_Artifact):
     FILE: ClassVar[str] = "summary.json"
     LATEST: ClassVar[str] = "latest.json"
@@ -546,6 +656,7 @@ class DriftSummary(_Artifact):
     rows: DriftRows
     message: str | None = None
     checks: DriftChecks | None = None
+    performance: PerformanceEstimate | None = None
     report: dict[str, str] | None = None
     workspace: str | None = None
     seconds: dict[str, float] | None = None

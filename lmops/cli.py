@@ -142,12 +142,12 @@ def _print_summary(result: dict[str, Any]) -> None:
 def stage(name: Annotated[str, typer.Argument(help="Stage name, as in dvc.yaml.")]) -> None:
     """Run one stage from params.yaml: what each stage's `cmd` in dvc.yaml calls."""
     from lmops.config import load_params
-    from lmops.tasks.stages import STAGES
+    from lmops.tasks.stages import STAGES, run_stage
 
     if name not in STAGES:
         raise LmopsError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
     _log_to_console()
-    STAGES[name](load_params(Path.cwd()), Path.cwd())
+    run_stage(name, load_params(Path.cwd()), Path.cwd())
 
 
 def _prefect_run(call: Callable[[], Any]) -> Any:

@@ -269,6 +269,12 @@ class PromotionConfig(_Strict):
     bootstrap_samples: int = Field(ge=100)
     max_latency_increase: float = Field(ge=0)
     latency_samples: int = Field(ge=10)
+    max_cost_increase: float = Field(ge=0)
+
+
+class CostConfig(_Strict):
+    energy: Literal["codecarbon", "none"]
+    country_iso_code: str | None = Field(pattern=r"^[A-Z]{3}$")
 
 
 class OrchestrationConfig(_Strict):
@@ -301,6 +307,11 @@ class EmbeddingDriftConfig(_Strict):
     threshold: float = Field(gt=0)
 
 
+class PerformanceEstimateConfig(_Strict):
+    max_drop: float = Field(gt=0, lt=1)
+    confidence: float = Field(gt=0.5, lt=1)
+
+
 class MonitorConfig(_Strict):
     reference_splits: list[Literal["val", "test"]] = Field(min_length=1)
     window: MonitorWindowConfig
@@ -309,6 +320,7 @@ class MonitorConfig(_Strict):
     seed: int
     columns: ColumnDriftConfig
     embedding: EmbeddingDriftConfig
+    performance: PerformanceEstimateConfig
     cooldown_hours: float = Field(ge=0)
     reports_dir: str = Field(min_length=1)
     workspace_dir: str = Field(min_length=1)
@@ -335,6 +347,7 @@ class Params(_Strict):
     serve: ServeConfig
     monitor: MonitorConfig
     promotion: PromotionConfig
+    cost: CostConfig
     orchestration: OrchestrationConfig
 
 

@@ -31,6 +31,19 @@ MODEL_CARD = Path("reports/model_card.md")
 ERRORS = Path("reports/errors.md")
 ONNX_DIR = Path("models/onnx")
 TRITON_DIR = Path("models/triton")
+COST_DIR = Path("reports/cost")
+
+
+# The stages whose cost is the model's training cost (metrics.json's `cost`); every stage
+# also writes its own cost to COST_DIR/STAGE.json (lmops/cost.py), not listed in WRITES
+# below because `lmops stage` writes it, not the stage's function.
+TRAINING = ("ingest", "validate", "tokenizer", "pretrain", "finetune")
+# The pipeline, in order (dvc.yaml's stage order).
+PIPELINE = (*TRAINING, "evaluate", "export")
+
+
+def cost_path(stage: str) -> Path:
+    return COST_DIR / f"{stage}.json"
 
 
 # The data each stage reads and the outputs DVC tracks for it (dvc.yaml's deps and outs).
@@ -48,6 +61,7 @@ READS: dict[str, list[Path]] = {
         FINETUNE_LIVE,
         PRETRAIN_METRICS,
         FINETUNE_METRICS,
+        *(cost_path(stage) for stage in TRAINING),
     ],
     "export": [FINETUNED_DIR, VALIDATED_DIR],
 }
@@ -65,6 +79,3 @@ UNTRACKED: dict[str, list[Path]] = {
     "validate": [QUARANTINE_DIR],
     "pretrain": [PRETRAIN_CHECKPOINTS],
 }
-
-# The pipeline, in order (dvc.yaml's stage order).
-PIPELINE = ("ingest", "validate", "tokenizer", "pretrain", "finetune", "evaluate", "export")

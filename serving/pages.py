@@ -262,6 +262,20 @@ def _promotion_figures(events: list[dict[str, Any]]) -> str:
         ("test macro-F1", f"{figures['macro_f1']:.4f}"),
         ("median latency, one text", f"{figures['p50_latency_ms']:.3f} ms"),
     ]
+    if "cpu_ms_per_1k_texts" in figures:
+        rows.append(
+            ("serving CPU time", f"{figures['cpu_ms_per_1k_texts']:,.1f} ms per 1,000 texts")
+        )
+    if cost := figures.get("training_cost"):
+        energy = cost.get("energy_kwh")
+        rows.append(
+            (
+                "training cost (ingest to fine-tuning)",
+                f"{cost['wall_seconds']:,.1f} s wall, {cost['cpu_seconds']:,.1f} CPU-s, "
+                f"{cost['gpu_seconds']:,.1f} GPU-s"
+                + (f", {energy * 1000:,.2f} Wh (estimate)" if energy is not None else ""),
+            )
+        )
     rows += [
         (
             f"{name.replace('_', ' ')}",

@@ -25,8 +25,10 @@ from lmops.artifacts import (
     Metrics,
     PairedComparison,
     SliceMetrics,
+    StageCost,
     StageRun,
     ThresholdGate,
+    TrainingCost,
 )
 from lmops.atomic import write_json
 from lmops.batching import predict_proba
@@ -217,6 +219,35 @@ def _accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _training_cost(cost_paths: dict[str, Path]) -> TrainingCost:
+    """The recorded stages and their total. A stage run outside `lmops stage` (its outputs
+    copied in, as some tests do) has no record: named as unrecorded, not guessed."""
+    stages = {stage: StageCost.read(path) for stage, path in cost_paths.items() if path.is_file()}
+    return TrainingCost(
+        stages=stages,
+        total=StageCost.total(list(stages.values())),
+        unrecorded=[stage for stage, path in cost_paths.items() if not path.is_file()],
+    )
+
+
+def _cost_section(cost: TrainingCost | None) -> list[str]:
+    if cost is None:
+        return []
+    return [
+        "## Cost",
+        "What each stage up to fine-tuning cost on this run (`reports/cost/`; energy is an "
+        f"estimate: {cost.total.energy_method}).",
+        "",
+        *cost.table(),
+        "",
+        *(
+            [f"Not recorded (run outside `lmops stage`): {', '.join(cost.unrecorded)}.", ""]
+            if cost.unrecorded
+            else []
+        ),
+    ]
+
+
 def _model_card(
     metrics: Metrics,
     manifest: DataManifest,
@@ -275,6 +306,7 @@ def _model_card(
         "## Training",
         *(run.line(stage) for stage, run in training.items()),
         "",
+        *_cost_section(metrics.cost),
         "## Test metrics",
         metrics.verdict(),
         "",
@@ -356,10 +388,12 @@ def run(
     errors_path: Path,
     live_dirs: dict[str, Path] | None = None,
     stage_runs: dict[str, Path] | None = None,
+    cost_paths: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Score the model and the baseline on test; write metrics, plots, pictures and the card.
     `live_dirs` names the DVCLive folders whose training curves are drawn (by stage), and
-    `stage_runs` the training stages' metrics files the card's "Training" section reads."""
+    `stage_runs` the training stages' metrics files the card's "Training" section reads,
+    and `cost_paths` the cost records (lmops/cost.py) summed into the training cost."""
     from lmops.classifier import load
 
     started = time.perf_counter()
@@ -461,6 +495,7 @@ def run(
         transformer_weight=model.spec.transformer_weight if transformer_only else None,
         ablation_no_pretraining=ablation,
         explanations=explanations,
+        cost=_training_cost(cost_paths) if cost_paths else None,
         seconds=round(time.perf_counter() - started, 2),
     )
 

@@ -111,8 +111,8 @@ def train_classifier(
     peak = device_peak_flops(accelerator)
     best: dict[str, Any] = {"val_loss": float("inf")}
     history, stale_epochs, started, seen = [], 0, time.perf_counter(), 0
-    # This process's FLOPs and seconds in training steps (validation is not training).
-    train_flops, train_seconds = 0.0, 0.0
+    # This process's tokens, FLOPs and seconds in training steps (validation is not training).
+    train_tokens, train_flops, train_seconds = 0, 0.0, 0.0
     for epoch in range(cfg.epochs):
         model.train()
         batches = length_bucketed(lengths, cfg.batch_size, seed=cfg.seed + epoch)
@@ -127,6 +127,7 @@ def train_classifier(
             inputs["labels"] = torch.tensor(train_targets[batch], dtype=torch.long)
             loss = train_step(model, inputs, accelerator, optimizer, schedule)
             seen += len(batch)
+            train_tokens += sum(lengths[i] for i in batch)
             train_flops += sum(text_flops[i] for i in batch)
             if live is not None:
                 live.log_metric("train/loss", loss.item())
@@ -184,6 +185,9 @@ def train_classifier(
         "train_examples_per_s": round(seen / seconds, 1) if seconds else 0.0,
         "device": str(accelerator.device),
         "precision": accelerator.mixed_precision,
+        # The work of every process (lmops/cost.py), padding left out.
+        "tokens_this_run": train_tokens * accelerator.num_processes,
+        "flops_this_run": round(train_flops * accelerator.num_processes),
         "_main": accelerator.is_main_process,
     }
     if peak and train_seconds > 0:

@@ -423,6 +423,9 @@ def run(
         "val_unigram_perplexity": round(unigram_perplexity(train_rows, val_rows, tokenizer), 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "train_tokens": cfg.steps * tokens_per_step,
+        # This run's work (lmops/cost.py), without the steps a resumed checkpoint had done.
+        "tokens_this_run": trained_steps * tokens_per_step,
+        "flops_this_run": round(trained_steps * tokens_per_step * flops_token),
         "seconds": round(seconds, 2),
         "device": str(accelerator.device),
         "precision": accelerator.mixed_precision,

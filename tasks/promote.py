@@ -54,6 +54,19 @@ def score(engine: Any, texts: list[str], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def cpu_ms_per_1k_texts(engines: list[Any], texts: list[str], rounds: int = 5) -> list[float]:
+    """What serving costs: this process's CPU time (every ONNX Runtime thread) to score the
+    texts, batched as the server batches them, per 1,000 texts; the median of `rounds`
+    passes alternating between the engines, so that both see the same machine load."""
+    passes: list[list[float]] = [[] for _ in engines]
+    for _ in range(rounds):
+        for engine, times in zip(engines, passes, strict=True):
+            started = time.process_time()
+            engine.probabilities(texts)
+            times.append((time.process_time() - started) * 1000 / len(texts) * 1000)
+    return [round(statistics.median(times), 1) for times in passes]
+
+
 def median_latencies_ms(engines: list[Any], texts: list[str], samples: int) -> list[float]:
     """One-text predictions, alternating between the engines so that both see the same
     machine load; the median of each."""
@@ -72,19 +85,22 @@ def median_latencies_ms(engines: list[Any], texts: list[str], samples: int) -> l
 def measure(
     root: Path, challenger: str, champion: str | None, cfg: PromotionConfig
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1 and median latency of both versions on the challenger's test split."""
+    """Accuracy, macro-F1, median latency and CPU cost of both versions on the challenger's
+    test split."""
     test = test_split(root, registry.commit_of(root, challenger))
     texts, labels = test["text"].tolist(), test["label"].astype(str).tolist()
     versions = [challenger] + ([champion] if champion else [])
     engines = [_engine(registry.materialize(root, v)) for v in versions]
     latencies = median_latencies_ms(engines, texts, cfg.latency_samples)
+    costs = cpu_ms_per_1k_texts(engines, texts)
     measured = {
         version: {
             **score(engine, texts, labels),
             "p50_latency_ms": latency,
+            "cpu_ms_per_1k_texts": cost,
             "variant": engine.variant,
         }
-        for version, engine, latency in zip(versions, engines, latencies, strict=True)
+        for version, engine, latency, cost in zip(versions, engines, latencies, costs, strict=True)
     }
     return {"test_rows": len(texts), "targets": labels, "models": measured}
 
@@ -186,9 +202,10 @@ def _paired_gate(
 def relative_gates(
     measured: dict[str, Any], challenger: str, champion: str, cfg: PromotionConfig
 ) -> list[dict[str, Any]]:
-    """Challenger minus champion on the same texts (paired), and median latency."""
+    """Challenger minus champion on the same texts (paired), median latency and CPU cost."""
     models = measured["models"]
     latency_limit = models[champion]["p50_latency_ms"] * (1 + cfg.max_latency_increase)
+    cost_limit = models[champion]["cpu_ms_per_1k_texts"] * (1 + cfg.max_cost_increase)
     return [
         _paired_gate(
             "accuracy_vs_prod",
@@ -217,6 +234,13 @@ def relative_gates(
             f"<= {latency_limit:.3f} ms ({models[champion]['p50_latency_ms']:.3f} ms "
             f"+ {cfg.max_latency_increase:.0%})",
         ),
+        _gate(
+            "cost_vs_prod",
+            models[challenger]["cpu_ms_per_1k_texts"] <= cost_limit,
+            f"{models[challenger]['cpu_ms_per_1k_texts']:,.1f} CPU-ms per 1,000 texts",
+            f"<= {cost_limit:,.1f} ({models[champion]['cpu_ms_per_1k_texts']:,.1f} "
+            f"+ {cfg.max_cost_increase:.0%})",
+        ),
     ]
 
 
@@ -233,11 +257,12 @@ def markdown(
         f"Challenger **{challenger}** vs champion **{champion or 'none (first model)'}** "
         f"on the challenger's test split ({measured['test_rows']:,} texts)",
         "",
-        "| version | accuracy | macro-F1 | p50 latency (1 text) | variant |",
-        "|---|---:|---:|---:|---|",
+        "| version | accuracy | macro-F1 | p50 latency (1 text) | CPU-ms per 1,000 texts "
+        "| variant |",
+        "|---|---:|---:|---:|---:|---|",
         *(
             f"| {v} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['p50_latency_ms']:.3f} ms "
-            f"| {m['variant']} |"
+            f"| {m['cpu_ms_per_1k_texts']:,.1f} | {m['variant']} |"
             for v, m in models.items()
         ),
         "",
@@ -257,11 +282,19 @@ def markdown(
 
 
 def key_figures(
-    measured: dict[str, Any], version: str, gates: list[dict[str, Any]]
+    measured: dict[str, Any],
+    version: str,
+    gates: list[dict[str, Any]],
+    evaluation: Metrics | None,
 ) -> dict[str, Any]:
-    """What the promotion record keeps: the figures and each paired comparison."""
+    """What the promotion record keeps: the figures, each paired comparison, and what the
+    version cost to train (its evaluation's total, reports/cost/)."""
     figures = measured["models"][version]
-    kept = {k: figures[k] for k in ("accuracy", "macro_f1", "p50_latency_ms")}
+    kept = {
+        k: figures[k] for k in ("accuracy", "macro_f1", "p50_latency_ms", "cpu_ms_per_1k_texts")
+    }
+    if evaluation is not None and evaluation.cost is not None:
+        kept["training_cost"] = evaluation.cost.total.dump()
     for gate in gates:
         if "paired" in gate:
             kept[gate["gate"]] = {

@@ -1,6 +1,6 @@
 """`lmops stage NAME` (the `cmd` of every stage in dvc.yaml) lands here; so does the
 Prefect flow, through `dvc repro`. Each stage function reads and writes the paths
-lmops/stages.py declares for it."""
+lmops/stages.py declares for it; `run_stage` also records what the stage cost."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from lmops.stages import (
     QUARANTINE_DIR,
     TOKENIZER_DIR,
     TOKENIZER_METRICS,
+    TRAINING,
     TRITON_DIR,
     VALIDATED_DIR,
     VALIDATION_DOCS_DIR,
     VALIDATION_METRICS,
+    cost_path,
 )
 
 
@@ -116,6 +118,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         errors_path=root / ERRORS,
         live_dirs={"pretrain": root / PRETRAIN_LIVE, "finetune": root / FINETUNE_LIVE},
         stage_runs={"pretraining": root / PRETRAIN_METRICS, "fine-tuning": root / FINETUNE_METRICS},
+        cost_paths={stage: root / cost_path(stage) for stage in TRAINING},
     )
 
 
@@ -142,3 +145,13 @@ STAGES: dict[str, Callable[[Params, Path], Any]] = {
     "evaluate": _evaluate,
     "export": _export,
 }
+
+
+def run_stage(name: str, params: Params, root: Path) -> Any:
+    """Run a stage and write what it cost to reports/cost/NAME.json (lmops/cost.py)."""
+    from lmops.cost import Meter, work_of
+
+    with Meter(name, params.cost) as meter:
+        result = STAGES[name](params, root)
+    meter.record(**work_of(result)).write(root / cost_path(name))
+    return result

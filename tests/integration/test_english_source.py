@@ -15,7 +15,7 @@ from lmops.artifacts import ExportManifest, Metrics
 from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.sources import read_corpus, read_labelled
 from lmops.stages import METRICS, ONNX_DIR, TOKENIZER_METRICS
-from lmops.tasks.stages import STAGES
+from lmops.tasks.stages import STAGES, run_stage
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # trains a model through every stage
@@ -39,7 +39,7 @@ def test_english_reviews_with_their_own_labels_run_end_to_end(english_project: P
         override(raw, {"data.source": "data/raw/reviews.csv", "data.corpus": "data/raw/plots.txt"})
     )
     for stage in STAGES:
-        STAGES[stage](params, english_project)
+        run_stage(stage, params, english_project)
 
     metrics = Metrics.read(english_project / METRICS)
     assert metrics.labels == ["fresh", "rotten"]

@@ -68,6 +68,17 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
     metrics = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
     workspace = metrics[""]["data"]  # DVC keys the workspace's metrics by ""
     assert "accuracy" in workspace["reports/metrics.json"]["data"]["baseline"]
+    # Every stage's cost is a DVC metric, and the training stages' total is in metrics.json.
+    for stage in STAGES:
+        cost = workspace[f"reports/cost/{stage}.json"]["data"]
+        assert cost["stage"] == stage and cost["cpu_seconds"] > 0 and cost["energy_kwh"] > 0
+    training = workspace["reports/metrics.json"]["data"]["cost"]
+    assert list(training["stages"]) == ["ingest", "validate", "tokenizer", "pretrain", "finetune"]
+    assert training["total"]["tokens"] == sum(
+        workspace[f"reports/cost/{s}.json"]["data"].get("tokens", 0) for s in training["stages"]
+    )
+    assert training["stages"]["pretrain"]["flops"] > 0
+    assert "## Cost" in (project / "reports" / "model_card.md").read_text("utf-8")
     plots = json.loads(_dvc(project, "plots", "show", "--json").stdout)["data"]
     assert {
         "reports/plots/confusion.json",

@@ -235,6 +235,11 @@ def test_model_pages_show_every_version_offline(
             if e["version"] == "v0.0.2" and e["stage"] == "prod"
         ]
         assert f"{promoted['metrics']['p50_latency_ms']:.3f} ms" in dom
+        # What it costs to serve (measured by the promotion) and what it cost to train.
+        assert f"{promoted['metrics']['cpu_ms_per_1k_texts']:,.1f} ms per 1,000 texts" in dom
+        training = promoted["metrics"]["training_cost"]
+        assert training["wall_seconds"] > 0 and f"{training['cpu_seconds']:,.1f} CPU-s" in dom
+        assert "| stage | wall s | CPU s |" not in dom and "peak memory MB" in dom  # the card's
         assert "accuracy vs prod" in dom
         assert "Most confident mistakes, explained" in dom and "Deletion test on" in dom
         assert "confusion.png" in dom and "Model card" in dom

@@ -22,7 +22,7 @@ from lmops.stages import (
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
-from lmops.tasks.stages import STAGES
+from lmops.tasks.stages import run_stage
 from tests.conftest import params_with, tiny_raw
 
 
@@ -34,7 +34,7 @@ def _stages(params: Params, root: Path, validated: Path, *names: str) -> None:
     if not (root / VALIDATED_DIR).exists():
         shutil.copytree(validated, root / VALIDATED_DIR)
     for name in names:
-        STAGES[name](params, root)
+        run_stage(name, params, root)
 
 
 def _minilm() -> Path:
@@ -97,6 +97,9 @@ def test_finetune_a_third_party_checkpoint_directly(
     assert (config.num_hidden_layers, config.hidden_size) == (6, 384)
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text("utf-8"))
     assert 0.0 <= metrics["model"]["accuracy"] <= 1.0
+    # The validated data was copied in: only the stages run here have a cost record.
+    assert list(metrics["cost"]["stages"]) == ["tokenizer", "pretrain", "finetune"]
+    assert metrics["cost"]["unrecorded"] == ["ingest", "validate"]
 
 
 def test_continue_pretraining_a_third_party_checkpoint(
