@@ -10,6 +10,12 @@ window's size) to show what sampling buys.
     .venv/bin/python bench/monitor.py [--sizes 1000 10000 100000] [--model-dir models/onnx]
 
 Needs an exported model and data/validated (make run). Writes reports/bench/monitor.json.
+
+`--estimate` measures instead how well the accuracy estimated without labels (CBPE,
+lmops.stats.estimated_accuracy, as the monitor computes it) follows the true accuracy:
+over random in-domain windows of the test split, and over windows whose true accuracy is
+lower — short texts, the model's least confident texts, and windows seeded with a share of
+its mistakes. Writes reports/bench/monitor-estimate.json.
 """
 
 from __future__ import annotations
@@ -135,6 +141,90 @@ def measure(args: argparse.Namespace, size: int, unsampled: bool) -> dict[str, A
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def estimate(args: argparse.Namespace) -> dict[str, Any]:
+    """The estimate against the truth, window by window (the labels only for scoring)."""
+    import numpy as np
+    import pandas as pd
+
+    from lmops.config import load_params
+    from lmops.engine import Engine
+    from lmops.stats import estimated_accuracy
+    from lmops.tasks.monitor import VARIANT
+
+    cfg = load_params(ROOT).monitor
+    engine = Engine(Path(args.model_dir), require_gpu=False, max_batch_size=64, variant=VARIANT)
+
+    def scored(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        frame = pd.read_parquet(Path(args.validated) / f"{split}.parquet")
+        probabilities = engine.probabilities(frame["text"].tolist())
+        predicted = np.array([engine.labels[i] for i in probabilities.argmax(1)])
+        right = predicted == frame["label"].astype(str).to_numpy()
+        return probabilities.max(1), right, frame["text"].str.len().to_numpy()
+
+    val_confidence, val_right, _ = scored("val")
+    confidence, right, lengths = scored("test")
+    rng = np.random.default_rng(0)
+
+    def window(rows: np.ndarray) -> dict[str, float]:
+        value, low, high = estimated_accuracy(confidence[rows], len(rows), 0.95)
+        truth = float(right[rows].mean())
+        return {
+            "rows": len(rows),
+            "true": round(truth, 4),
+            "estimated": round(value, 4),
+            "error": round(value - truth, 4),
+            "inside_interval": bool(low <= truth <= high),
+            "drop_vs_reference": round(float(val_confidence.mean()) - value, 4),
+        }
+
+    size = args.window_rows
+    in_domain = [window(rng.choice(len(right), size, replace=False)) for _ in range(args.windows)]
+    errors = np.array([w["error"] for w in in_domain])
+    mistakes, correct = np.flatnonzero(~right), np.flatnonzero(right)
+
+    def seeded(share: float) -> np.ndarray:
+        wrong = rng.choice(mistakes, min(int(size * share), len(mistakes)), replace=False)
+        return np.concatenate([wrong, rng.choice(correct, size - len(wrong), replace=False)])
+
+    shifted = {
+        "shortest_texts": window(np.argsort(lengths, kind="stable")[:size]),
+        "least_confident": window(np.argsort(confidence)[:size]),
+        **{f"mistakes_{int(share * 100)}pct": window(seeded(share)) for share in (0.3, 0.5)},
+    }
+    return {
+        "what": "CBPE (accuracy estimated without labels) against the true accuracy",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            "dir": str(Path(args.model_dir).resolve()),
+            "variant": engine.variant,
+            "test_rows": len(right),
+            "test_accuracy": round(float(right.mean()), 4),
+        },
+        "reference": {
+            "split": "val",
+            "accuracy": round(float(val_right.mean()), 4),
+            "estimated": round(float(val_confidence.mean()), 4),
+        },
+        "max_drop": cfg.performance.max_drop,
+        "note": args.note,
+        "in_domain": {
+            "windows": args.windows,
+            "rows_each": size,
+            "seed": 0,
+            "mean_error": round(float(errors.mean()), 4),
+            "mean_abs_error": round(float(np.abs(errors).mean()), 4),
+            "max_abs_error": round(float(np.abs(errors).max()), 4),
+            "within_2_points": round(float((np.abs(errors) <= 0.02).mean()), 3),
+            "inside_interval": round(float(np.mean([w["inside_interval"] for w in in_domain])), 3),
+            "degraded_false_alarms": int(
+                sum(w["drop_vs_reference"] > cfg.performance.max_drop for w in in_domain)
+            ),
+            "each": in_domain,
+        },
+        "lower_accuracy_windows": shifted,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
@@ -148,7 +238,17 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--unsampled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--estimate", action="store_true", help="CBPE against the truth.")
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--window-rows", type=int, default=300)
     args = parser.parse_args()
+    if args.estimate:
+        result = estimate(args)
+        out = ROOT / "reports/bench/monitor-estimate.json"
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps({k: v for k, v in result["in_domain"].items() if k != "each"}, indent=2))
+        print(json.dumps(result["lower_accuracy_windows"], indent=2))
+        return
     if args.one:
         one_run(args)
         return

@@ -1,11 +1,13 @@
 """The monitoring flow: a drift report now (the same run as `lmops monitor`), published as
-the `drift-report` artifact, and on drift the event `lmops.drift.detected` that an
-automation turns into a training run.
+the `drift-report` artifact; on drift the event `lmops.drift.detected`, and when the
+accuracy estimated without labels fell (CBPE, tasks/monitor.py) `lmops.performance.degraded`.
+An automation turns either into a training run.
 
-The event goes out at most once per `monitor.cooldown_hours`: a drifted window stays
-drifted for hours, and each report would otherwise start another retraining. The last
-trigger is recorded in `<monitor.reports_dir>/last_trigger.json`, so the cooldown
-survives restarts and holds across processes.
+One event a run (drift first: its payload carries the estimate too), and at most one per
+`monitor.cooldown_hours` of either kind: a drifted window stays drifted for hours, and
+each report would otherwise start another retraining. The last trigger is recorded in
+`<monitor.reports_dir>/last_trigger.json`, so the cooldown survives restarts and holds
+across processes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lmops.errors import LmopsError
 from lmops.flows.retry import task_options
 
 EVENT = "lmops.drift.detected"
+PERFORMANCE_EVENT = "lmops.performance.degraded"
 LAST_TRIGGER = "last_trigger.json"
 
 
@@ -68,6 +71,11 @@ def _markdown(summary: dict[str, Any], pages_url: str) -> str:
             for name, method, score, threshold, drift in typed.table()
         ),
         "",
+        *(
+            [f"**Performance** (no labels needed): {typed.performance.line()}", ""]
+            if typed.performance
+            else []
+        ),
         f"{typed.rows_line().capitalize()} "
         f"({typed.traffic.corrupt_lines_skipped:,} corrupt log lines skipped).",
         "",
@@ -77,10 +85,10 @@ def _markdown(summary: dict[str, Any], pages_url: str) -> str:
     return "\n".join(lines)
 
 
-def _emit(model_name: str, summary: dict[str, Any]) -> Any:
+def _emit(name: str, model_name: str, summary: dict[str, Any]) -> Any:
     """The event, about the model as a Prefect resource, carrying the monitor's summary."""
     return emit_event(
-        event=EVENT,
+        event=name,
         resource={
             "prefect.resource.id": f"lmops.model.{model_name}",
             "prefect.resource.name": model_name,
@@ -92,8 +100,9 @@ def _emit(model_name: str, summary: dict[str, Any]) -> Any:
 
 @flow(name="monitoring", log_prints=True)
 def monitoring(traffic: str | None = None, project_dir: str = ".") -> dict[str, Any] | State:
-    """Run the drift monitor; on drift, emit `lmops.drift.detected` unless within the
-    cooldown. Returns the monitor's summary with `event_emitted` and `trigger` added."""
+    """Run the drift monitor; on drift emit `lmops.drift.detected`, on an estimated drop in
+    accuracy `lmops.performance.degraded`, unless within the cooldown. Returns the
+    monitor's summary with `event_emitted` and `trigger` added."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     params = load_params(root)
@@ -103,27 +112,32 @@ def monitoring(traffic: str | None = None, project_dir: str = ".") -> dict[str, 
         return Failed(message=state.message)
     summary = state.result()
     cfg = params.monitor
-    event_emitted, trigger = False, "no drift: no event"
-    if summary["drift_detected"]:
+    degraded = (summary.get("performance") or {}).get("degraded", False)
+    # One event a run: each starts a training run, and drift's payload carries the
+    # performance estimate too.
+    due = EVENT if summary["drift_detected"] else PERFORMANCE_EVENT if degraded else None
+    event_emitted, trigger = False, "no drift, no drop in estimated accuracy: no event"
+    if due:
         trigger_path = root / cfg.reports_dir / LAST_TRIGGER
         now = datetime.now(UTC)
         last = _last_trigger(trigger_path)
         if last is not None and now < last + timedelta(hours=cfg.cooldown_hours):
             trigger = (
-                f"event suppressed by the cooldown: last {EVENT} at {last:%F %T} UTC, the next "
-                f"not before {last + timedelta(hours=cfg.cooldown_hours):%F %T} UTC "
+                f"{due} suppressed by the cooldown: the last event at {last:%F %T} UTC, the "
+                f"next not before {last + timedelta(hours=cfg.cooldown_hours):%F %T} UTC "
                 f"(monitor.cooldown_hours={cfg.cooldown_hours:g})"
             )
         else:
-            event = _emit(params.serve.model_name, summary)
+            event = _emit(due, params.serve.model_name, summary)
             if event is None:
-                trigger = f"{EVENT} could not be emitted (no Prefect API reachable)"
+                trigger = f"{due} could not be emitted (no Prefect API reachable)"
             else:
-                event_emitted, trigger = True, f"emitted {EVENT} (event {event.id})"
+                event_emitted, trigger = True, f"emitted {due} (event {event.id})"
                 write_json(
                     trigger_path,
                     {
                         "at": now.isoformat(),
+                        "event": due,
                         "event_id": str(event.id),
                         "model_version": summary["model"]["version"],
                         "report": summary["report"]["html"],

@@ -124,3 +124,25 @@ def compare(
             mcnemar_p_value(predicted_a == targets, predicted_b == targets), 6
         )
     return result
+
+
+def estimated_accuracy(
+    confidence: np.ndarray, window_rows: int, level: float
+) -> tuple[float, float, float]:
+    """CBPE (confidence-based performance estimation, as NannyML names it): with calibrated
+    scores, a prediction made with confidence c is right with probability c, so the mean
+    confidence is the accuracy the predictions are expected to have. Returns (estimate,
+    low, high): the interval counts the luck of which predictions turn out right (a sum of
+    Bernoulli(c), variance sum c(1-c)) and, when `confidence` is a sample of a window of
+    `window_rows`, the sampling (finite-population corrected). It assumes calibration
+    holds on the window: under concept shift (the same texts meaning another label) no
+    label-free estimate can see the drop."""
+    from scipy.stats import norm
+
+    n = len(confidence)
+    estimate = float(confidence.mean())
+    outcome_variance = float((confidence * (1 - confidence)).sum()) / n**2
+    unsampled = max(window_rows - n, 0) / max(window_rows - 1, 1)
+    sampling_variance = float(confidence.var(ddof=1)) / n * unsampled if n > 1 else 0.0
+    half = float(norm.ppf(0.5 + level / 2)) * (outcome_variance + sampling_variance) ** 0.5
+    return estimate, max(estimate - half, 0.0), min(estimate + half, 1.0)

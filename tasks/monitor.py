@@ -33,7 +33,7 @@ import numpy as np
 
 from lmops.artifacts import DriftSummary, ExportManifest, TrafficRecord, traffic_file_hour
 from lmops.atomic import atomic_dir
-from lmops.config import MonitorConfig, MonitorWindowConfig, Params
+from lmops.config import MonitorConfig, MonitorWindowConfig, Params, PerformanceEstimateConfig
 from lmops.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,49 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
     return result
 
 
-def _reference_texts(validated_dir: Path, splits: list[str]) -> list[str]:
+def _reference(validated_dir: Path, splits: list[str]) -> tuple[list[str], list[str]]:
+    """The reference's texts and their labels."""
     import pandas as pd
 
     paths = [validated_dir / f"{split}.parquet" for split in splits]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"no reference data: {', '.join(missing)} missing (run the pipeline)")
-    return pd.concat([pd.read_parquet(p, columns=["text"]) for p in paths])["text"].tolist()
+    frame = pd.concat([pd.read_parquet(p, columns=["text", "label"]) for p in paths])
+    return frame["text"].tolist(), frame["label"].astype(str).tolist()
+
+
+def performance(
+    cfg: PerformanceEstimateConfig,
+    reference: Any,
+    reference_labels: list[str],
+    current: Any,
+    current_rows: int,
+) -> dict[str, Any]:
+    """CBPE on the window against the reference (lmops.stats.estimated_accuracy): the drop
+    compares two estimates, so a bias of the calibration common to both cancels out."""
+    from lmops.stats import estimated_accuracy
+
+    estimate, low, high = estimated_accuracy(
+        current["score"].to_numpy(), current_rows, cfg.confidence
+    )
+    reference_estimate = float(reference["score"].mean())
+    drop = reference_estimate - estimate
+    return {
+        "method": "CBPE: mean calibrated confidence (NannyML's confidence-based performance "
+        "estimation)",
+        "estimated_accuracy": round(estimate, 5),
+        "ci_low": round(low, 5),
+        "ci_high": round(high, 5),
+        "confidence": cfg.confidence,
+        "reference_accuracy": round(
+            float((reference["label"].to_numpy() == np.array(reference_labels)).mean()), 5
+        ),
+        "reference_estimated_accuracy": round(reference_estimate, 5),
+        "drop": round(drop, 5),
+        "max_drop": cfg.max_drop,
+        "degraded": drop > cfg.max_drop,
+    }
 
 
 def _sample(count: int, size: int, seed: int) -> np.ndarray:
@@ -421,13 +456,20 @@ def run(
     from lmops.engine import Engine
 
     engine = Engine(model_dir, require_gpu=False, max_batch_size=64, variant=VARIANT)
-    reference_texts = _reference_texts(validated_dir, cfg.reference_splits)
+    reference_texts, reference_labels = _reference(validated_dir, cfg.reference_splits)
     reference_rows = _sample(len(reference_texts), cfg.sample_rows, cfg.seed)
     current_rows = _sample(len(window.texts), cfg.sample_rows, cfg.seed + 1)
     loaded = time.perf_counter()
     reference = _frame(engine, [reference_texts[i] for i in reference_rows])
     current = _frame(engine, [window.texts[i] for i in current_rows])
     inferred = time.perf_counter()
+    summary["performance"] = performance(
+        cfg.performance,
+        reference,
+        [reference_labels[i] for i in reference_rows],
+        current,
+        len(window.texts),
+    )
     traffic_window = summary["traffic"]
     snapshot = _report(
         cfg,
@@ -532,6 +574,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         "",
         f"drift detected: {'YES' if typed.drift_detected else 'no'}",
+        *([f"performance: {typed.performance.line()}"] if typed.performance else []),
         f"report: {typed.report['html'] if typed.report else '-'}",
     ]
     return "\n".join(lines)

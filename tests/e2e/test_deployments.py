@@ -123,7 +123,10 @@ def test_deploy_creates_the_three_deployments_schedules_and_automation(deployed:
     assert pull["directory"] == str(deployed["root"])
     (automation,) = api.post("/automations/filter")
     assert automation["name"] == "retrain-on-drift"
-    assert automation["trigger"]["expect"] == ["lmops.drift.detected"]
+    assert set(automation["trigger"]["expect"]) == {
+        "lmops.drift.detected",
+        "lmops.performance.degraded",
+    }
     assert automation["actions"][0]["deployment_id"] == training["id"]
 
 

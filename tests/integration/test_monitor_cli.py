@@ -105,6 +105,52 @@ def test_monitor_json_through_the_cli(make_project: Callable[..., Path]) -> None
     assert snapshot.metadata["lmops_verdict"] == "drift"
 
 
+def test_estimated_accuracy_follows_the_true_accuracy_without_labels(
+    make_project: Callable[..., Path], tiny_validated: Path, tmp_path: Path
+) -> None:
+    """CBPE through `lmops monitor`: traffic made of held-out texts, whose labels the
+    monitor never sees. The bound tested: each window's true accuracy lies inside the
+    estimate's 95% interval widened by the calibration bias measured on the reference. A
+    window of the texts the model finds hardest (its least confident) estimates lower and
+    is reported degraded."""
+    import numpy as np
+    import pandas as pd
+
+    from lmops.engine import Engine
+    from lmops.tasks.monitor import VARIANT
+
+    root = make_project("monitor-cbpe", monitor__min_rows=50, monitor__performance__max_drop=0.02)
+    held_out = pd.concat(
+        [pd.read_parquet(tiny_validated / f"{split}.parquet") for split in ("test", "val")]
+    )
+    texts, labels = held_out["text"].tolist(), held_out["label"].astype(str).to_numpy()
+    engine = Engine(root / "models" / "onnx", require_gpu=False, max_batch_size=64, variant=VARIANT)
+    probabilities = engine.probabilities(texts)
+    right = np.array([engine.labels[i] for i in probabilities.argmax(1)]) == labels
+
+    def monitored(name: str, rows: np.ndarray) -> dict[str, Any]:
+        folder = write_traffic(tmp_path / name, [texts[i] for i in rows])
+        result = lmops(root, "monitor", "--traffic", str(folder), "--json")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)["performance"]
+
+    windows = np.array_split(np.random.default_rng(0).permutation(len(texts)), 3)
+    in_domain = []
+    for n, rows in enumerate(windows):
+        estimate = monitored(f"in-domain-{n}", rows)
+        bias = abs(estimate["reference_estimated_accuracy"] - estimate["reference_accuracy"])
+        assert estimate["ci_low"] - bias <= right[rows].mean() <= estimate["ci_high"] + bias
+        assert estimate["degraded"] is False
+        in_domain.append(estimate["estimated_accuracy"])
+    hardest = np.argsort(probabilities.max(1))[:100]
+    hard = monitored("hard", hardest)
+    assert hard["estimated_accuracy"] < min(in_domain) and hard["degraded"] is True
+    assert hard["drop"] > 0.02
+
+    plain = lmops(root, "monitor", "--traffic", str(tmp_path / "hard"))
+    assert "performance: estimated accuracy" in plain.stdout and ": DEGRADED" in plain.stdout
+
+
 def test_monitor_cli_too_little_traffic_and_hashes_only(
     make_project: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -225,7 +271,7 @@ def test_monitoring_flow_emits_the_drift_event_once_per_cooldown(
         assert time.monotonic() < deadline, "the event never reached the server"
         time.sleep(1)
     (event,) = events
-    assert event["id"] == trigger["event_id"]
+    assert event["id"] == trigger["event_id"] and trigger["event"] == EVENT
     assert event["payload"]["drift_detected"] is True
     assert event["payload"]["report"]["html"] == first["report"]["html"]
 

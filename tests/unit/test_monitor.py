@@ -39,22 +39,29 @@ def model_dir(tiny_export: Callable[[int], Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unseen_reviews(tiny_validated: Path) -> list[str]:
+def unseen_labelled(tiny_validated: Path) -> pd.DataFrame:
     """Real reviews the tiny model never saw (the builtin set minus its sampled splits),
-    normalised as ingest does, in a fixed random order: in-domain and held out."""
+    normalised as ingest does, with their labels, in a fixed random order: in-domain and
+    held out."""
     splits = [pd.read_parquet(tiny_validated / f"{s}.parquet") for s in ("train", "val", "test")]
     seen = set(pd.concat(splits)["text"])
-    raw = read_labelled("builtin:zh-reviews", REPO_ROOT).frame["text"]
-    texts = pd.Series(raw.map(lambda t: unicodedata.normalize("NFKC", t).strip()).unique())
-    texts = texts[(texts.str.len() > 0) & ~texts.isin(seen)]
-    return texts.sample(frac=1, random_state=0).tolist()
+    raw = read_labelled("builtin:zh-reviews", REPO_ROOT).frame[["text", "label"]]
+    raw = raw.assign(text=raw["text"].map(lambda t: unicodedata.normalize("NFKC", t).strip()))
+    raw = raw.drop_duplicates("text")
+    raw = raw[(raw["text"].str.len() > 0) & ~raw["text"].isin(seen)]
+    return raw.sample(frac=1, random_state=0).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
-def reference_dir(unseen_reviews: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def unseen_reviews(unseen_labelled: pd.DataFrame) -> list[str]:
+    return unseen_labelled["text"].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference_dir(unseen_labelled: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A validated-shape folder whose test split is the reference."""
     validated = tmp_path_factory.mktemp("monitor-reference")
-    pd.DataFrame({"text": unseen_reviews[:REFERENCE_ROWS]}).to_parquet(validated / "test.parquet")
+    unseen_labelled[:REFERENCE_ROWS].to_parquet(validated / "test.parquet")
     return validated
 
 

@@ -63,3 +63,30 @@ def test_macro_f1_by_hand_and_its_paired_interval() -> None:
     assert macro_f1(targets, predicted) == pytest.approx((2 / 3 + 4 / 5) / 2)
     difference, low, high = paired_bootstrap(targets, targets, targets, "macro_f1", 0.9, 200)
     assert difference == low == high == 0.0
+
+
+def test_cbpe_interval_covers_the_realized_accuracy_of_calibrated_predictions() -> None:
+    """Calibrated predictions (right with probability = their confidence): the realized
+    accuracy of a window falls inside the 95% interval about 95% of the time."""
+    from lmops.stats import estimated_accuracy
+
+    rng = np.random.default_rng(0)
+    inside, errors = 0, []
+    for _ in range(400):
+        confidence = rng.uniform(0.5, 1.0, size=300)
+        realized = float((rng.random(300) < confidence).mean())
+        estimate, low, high = estimated_accuracy(confidence, 300, 0.95)
+        inside += low <= realized <= high
+        errors.append(abs(estimate - realized))
+    assert 0.92 <= inside / 400 <= 0.98
+    assert np.mean(errors) < 0.02  # within 2 points on average at 300 texts
+
+
+def test_cbpe_interval_widens_when_the_window_is_sampled() -> None:
+    from lmops.stats import estimated_accuracy
+
+    confidence = np.random.default_rng(1).uniform(0.5, 1.0, size=500)
+    whole = estimated_accuracy(confidence, 500, 0.95)
+    sampled = estimated_accuracy(confidence, 50_000, 0.95)
+    assert whole[0] == sampled[0]
+    assert sampled[2] - sampled[1] > whole[2] - whole[1]
