@@ -346,6 +346,26 @@ class TrafficRecord(_Artifact):
         return record
 
 
+class FeedbackRecord(_Artifact):
+    """One line of `<traffic dir>/feedback.jsonl` (lmops/feedback.py): the true labels of a
+    served request's texts, in order."""
+
+    received_at: datetime
+    request_id: str
+    labels: list[str]
+    source: Literal["api", "file"]
+
+    def line(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False)
+
+    @classmethod
+    def from_line(cls, line: str) -> FeedbackRecord | None:
+        try:
+            return cls.model_validate_json(line)
+        except ValidationError:
+            return None
+
+
 # -- reports/metrics.json (evaluate writes; the flows, registry, promotion and CLI read) --
 
 
@@ -632,15 +652,24 @@ class PerformanceEstimate(_Artifact):
     drop: float
     max_drop: float
     degraded: bool
+    # Delayed labels (lmops/feedback.py): the window's texts whose true labels arrived, and
+    # the served answers' accuracy on them.
+    labelled_rows: int = 0
+    realized_accuracy: float | None = None
 
     def line(self) -> str:
+        realized = (
+            f"; realized on {self.labelled_rows:,} labelled texts: {self.realized_accuracy:.4f}"
+            if self.realized_accuracy is not None
+            else ""
+        )
         return (
             f"estimated accuracy {self.estimated_accuracy:.4f} ({self.confidence:.0%} CI "
             f"[{self.ci_low:.4f}, {self.ci_high:.4f}]) against "
             f"{self.reference_estimated_accuracy:.4f} estimated on the reference (measured there "
             "with labels: "
             f"{self.reference_accuracy:.4f}); drop {self.drop * 100:+.2f} points, limit "
-            f"{self.max_drop * 100:.2f}: {'DEGRADED' if self.degraded else 'ok'}"
+            f"{self.max_drop * 100:.2f}: {'DEGRADED' if self.degraded else 'ok'}" + realized
         )
 
 

@@ -384,6 +384,84 @@ def monitor(
     )
 
 
+@app.command("feedback")
+@_user_errors
+def feedback_command(
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help='True labels: JSON Lines of {"request_id": ..., "labels": [...]}, or a CSV '
+            "with request_id and label columns (one row per text, in order)."
+        ),
+    ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write every labelled logged text as a CSV (text, label) for data.source."
+        ),
+    ] = None,
+    with_source: Annotated[
+        bool,
+        typer.Option(
+            "--with-source",
+            help="With --export: the rows of the current data.source first, so that pointing "
+            "data.source at the file retrains on the old data plus the labelled traffic.",
+        ),
+    ] = False,
+) -> None:
+    """Delayed labels, joined to the traffic log by request id (as POST /v1/feedback does):
+    each id is stored or refused with its reason; exit 1 if any was refused (the others
+    are kept). The monitor then reports the realized accuracy beside the estimate."""
+    import csv
+
+    from lmops import feedback
+    from lmops.artifacts import ExportManifest
+    from lmops.config import load_params
+    from lmops.tasks.monitor import reference_model
+
+    if file is None and export is None:
+        raise LmopsError("give a FILE of labels to store, or --export OUT.csv (or both)")
+    root = Path.cwd()
+    params = load_params(root)
+    traffic_dir = root / params.serve.traffic.dir
+    refused = 0
+    if file is not None:
+        if not file.is_file():
+            raise LmopsError(f"no feedback file at {file}")
+        _, model_dir, _ = reference_model(root, params)
+        labels = ExportManifest.of(model_dir).labels
+        verdicts = feedback.submit(traffic_dir, feedback.read_items(file), labels, "file")
+        for verdict in verdicts:
+            if verdict.status != 200:
+                typer.echo(f"{verdict.status} {verdict.request_id}: {verdict.detail}", err=True)
+        refused = sum(v.status != 200 for v in verdicts)
+        typer.echo(f"stored {len(verdicts) - refused} of {len(verdicts)} request(s)' labels")
+    if export is not None:
+        rows = list(feedback.labelled_traffic(traffic_dir))
+        labelled = len(rows)
+        if with_source:
+            from lmops.sources import read_labelled
+
+            frame = read_labelled(params.data.source, root).frame
+            served = {text for text, _ in rows}  # a text labelled again: the new label wins
+            rows = [
+                (text, label)
+                for text, label in zip(frame["text"], frame["label"].astype(str), strict=True)
+                if text not in served
+            ] + rows
+        export.parent.mkdir(parents=True, exist_ok=True)
+        with export.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+        typer.echo(
+            f"wrote {len(rows):,} text(s) to {export}: {labelled:,} labelled from the traffic"
+            + (f", {len(rows) - labelled:,} from {params.data.source}" if with_source else "")
+        )
+    if refused:
+        raise typer.Exit(1)
+
+
 @app.command("simulate-traffic")
 @_user_errors
 def simulate_traffic(

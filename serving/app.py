@@ -40,7 +40,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field, StrictStr
 
-from lmops import registry
+from lmops import feedback, registry
 from lmops.artifacts import CorruptArtifact, DriftSummary
 from lmops.config import ServeConfig
 from lmops.engine import Engine, ExplainRefused
@@ -98,6 +98,20 @@ class PredictRequest(BaseModel):
     texts: list[StrictStr] = Field(
         description="Plain texts, at most serve.max_texts_per_request of them.",
         examples=[EXAMPLE_TEXTS],
+    )
+
+
+class FeedbackRequest(BaseModel):
+    """The true labels of an answered request, arriving later (delayed labels)."""
+
+    request_id: StrictStr = Field(
+        description="The id /v1/predict answered with (or the x-request-id it was sent).",
+        examples=["5f0c2a9e8d1b4c3f"],
+    )
+    labels: list[StrictStr] = Field(
+        min_length=1,
+        description="One true label per text of that request, in order.",
+        examples=[["positive"]],
     )
 
 
@@ -580,6 +594,26 @@ def create_app(
     # One explanation at a time: each is a session run of n+1 texts, and predictions must
     # keep the rest of the cores.
     explaining = asyncio.Semaphore(1)
+
+    @app.post("/v1/feedback", dependencies=[Depends(_require_json)])
+    async def v1_feedback(body: FeedbackRequest) -> ORJSONResponse:
+        """Delayed labels, joined to the traffic log by request id (lmops/feedback.py): 200
+        stored, 404 no such request in the log, 422 labels that do not fit it, 507 the
+        feedback file cannot be written. The monitor reports the realized accuracy."""
+        _checked_id(body.request_id, "request_id")
+        try:
+            (verdict,) = await run_in_threadpool(
+                feedback.submit,
+                root / cfg.traffic.dir,
+                [(body.request_id, body.labels)],
+                live_model.engine.labels,
+                "api",
+            )
+        except OSError as err:
+            raise ClientError(507, f"the feedback could not be stored: {err}") from None
+        if verdict.status != 200:
+            raise ClientError(verdict.status, verdict.detail)
+        return ORJSONResponse({"request_id": body.request_id, "stored": len(body.labels)})
 
     @app.post("/v1/explain", dependencies=[Depends(_require_json)])
     async def v1_explain(body: ExplainRequest) -> ORJSONResponse:

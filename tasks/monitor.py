@@ -85,6 +85,9 @@ class TrafficWindow:
 
     texts: list[str] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
+    # Each row's request id and served label: what delayed labels are joined to.
+    request_ids: list[str | None] = field(default_factory=list)
+    served_labels: list[str] = field(default_factory=list)
     files: int = 0
     lines: int = 0
     corrupt: int = 0
@@ -119,7 +122,7 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
     are in hand, so a long history costs nothing."""
     start = now - timedelta(hours=window.hours) if window.hours is not None else None
     result = TrafficWindow(start=start)
-    rows: list[tuple[datetime, str, str]] = []
+    rows: list[tuple[datetime, str, str, str | None, str]] = []
     for path_ in _traffic_files(path, start):
         if window.max_rows is not None and len(rows) >= window.max_rows:
             break
@@ -137,13 +140,23 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
                 elif record.text is None:
                     result.hashed_only += 1
                 else:
-                    rows.append((record.timestamp, record.text, record.model_version))
+                    rows.append(
+                        (
+                            record.timestamp,
+                            record.text,
+                            record.model_version,
+                            record.request_id,
+                            record.label,
+                        )
+                    )
     rows.sort(key=lambda row: row[0])
     if window.max_rows is not None and len(rows) > window.max_rows:
         result.over_max_rows = len(rows) - window.max_rows
         rows = rows[-window.max_rows :]
-    result.texts = [text for _, text, _ in rows]
-    result.versions = [version for *_, version in rows]
+    result.texts = [row[1] for row in rows]
+    result.versions = [row[2] for row in rows]
+    result.request_ids = [row[3] for row in rows]
+    result.served_labels = [row[4] for row in rows]
     if not rows and result.hashed_only:
         raise DataError(
             f"the traffic log in {path} holds only text hashes ({result.hashed_only:,} records "
@@ -151,6 +164,19 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
             "and restart the server"
         )
     return result
+
+
+def _realized(window: TrafficWindow, traffic: Path) -> dict[str, Any]:
+    """The served answers' accuracy on the part of the window whose true labels arrived
+    (lmops/feedback.py), beside the estimate."""
+    from lmops import feedback
+
+    folder = traffic if traffic.is_dir() else traffic.parent
+    given = feedback.labels_by_request(folder)
+    rows, accuracy = feedback.realized(window.request_ids, window.served_labels, given)
+    return {"labelled_rows": rows} | (
+        {} if accuracy is None else {"realized_accuracy": round(accuracy, 5)}
+    )
 
 
 def _reference(validated_dir: Path, splits: list[str]) -> tuple[list[str], list[str]]:
@@ -469,7 +495,7 @@ def run(
         [reference_labels[i] for i in reference_rows],
         current,
         len(window.texts),
-    )
+    ) | _realized(window, traffic)
     traffic_window = summary["traffic"]
     snapshot = _report(
         cfg,

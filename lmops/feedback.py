@@ -1,0 +1,218 @@
+"""Delayed labels: the true labels of served requests, arriving later, joined to the
+traffic log by request id (`POST /v1/feedback`, `lmops feedback FILE`).
+
+A request's records are found in the traffic log (newest first: a client that reused an
+id labels its latest request). Feedback that names no logged request, gives another count
+of labels than the request had texts, or a label the model does not know is refused for
+that id with the reason; every other item is appended to `<traffic dir>/feedback.jsonl`,
+whose newest line per id wins. Nothing accepted is ever dropped, nothing refused is
+silently ignored.
+
+The monitor joins the window's records with these labels for the *realized* accuracy, and
+`lmops feedback --export` writes the labelled traffic as a CSV that `data.source` accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmops.artifacts import FeedbackRecord, TrafficRecord, traffic_file_hour
+
+FEEDBACK_FILE = "feedback.jsonl"
+_append_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of one item: 200 stored, 404 no such request, 422 labels do not fit."""
+
+    request_id: str
+    status: int
+    detail: str
+
+
+def _traffic_files_newest_first(traffic_dir: Path) -> list[Path]:
+    named = []
+    if traffic_dir.is_dir():
+        for path in traffic_dir.iterdir():
+            if (hour := traffic_file_hour(path.name)) is not None:
+                named.append((hour, path))
+    return [path for _, path in sorted(named, reverse=True)]
+
+
+def _records(path: Path) -> Iterator[TrafficRecord]:
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip() and (record := TrafficRecord.from_line(line)) is not None:
+                yield record
+
+
+def find_requests(traffic_dir: Path, ids: set[str]) -> dict[str, list[TrafficRecord]]:
+    """Each id's records (one per text, in order) from its newest request in the log.
+    Reading stops as soon as every id is found; an id not in the log is absent."""
+    found: dict[str, list[TrafficRecord]] = {}
+    if not ids:
+        return found
+    for path in _traffic_files_newest_first(traffic_dir):
+        in_file: dict[str, list[TrafficRecord]] = {}
+        previous = None
+        for record in _records(path):
+            rid = record.request_id
+            if rid in ids and rid not in found:
+                # A request's records are written together: a new run of the id is a new
+                # request, and the last run in the file is the newest.
+                if previous != rid:
+                    in_file[rid] = []
+                in_file[rid].append(record)
+            previous = rid
+        found.update(in_file)
+        if len(found) == len(ids):
+            break
+    return found
+
+
+def submit(
+    traffic_dir: Path, items: list[tuple[str, list[str]]], labels: list[str], source: str
+) -> list[Verdict]:
+    """Check each (request id, labels) against the log and the model's labels; append the
+    accepted ones to the feedback file. Raises OSError if the file cannot be written (the
+    caller says so; nothing is half-written: one line per item, one write)."""
+    requests = find_requests(traffic_dir, {rid for rid, _ in items})
+    verdicts, accepted = [], []
+    now = datetime.now(UTC)
+    for rid, given in items:
+        records = requests.get(rid)
+        unknown = sorted(set(given) - set(labels))
+        if records is None:
+            verdicts.append(Verdict(rid, 404, f"no request {rid!r} in the traffic log"))
+        elif len(given) != len(records):
+            verdicts.append(
+                Verdict(
+                    rid, 422, f"request {rid!r} had {len(records)} text(s), got {len(given)} labels"
+                )
+            )
+        elif unknown:
+            verdicts.append(
+                Verdict(rid, 422, f"unknown label(s) {unknown} (the model's: {labels})")
+            )
+        else:
+            accepted.append(
+                FeedbackRecord(received_at=now, request_id=rid, labels=given, source=source)
+            )
+            verdicts.append(Verdict(rid, 200, f"{len(given)} label(s) stored"))
+    if accepted:
+        _append(traffic_dir / FEEDBACK_FILE, [record.line() for record in accepted])
+    return verdicts
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    payload = "".join(line + "\n" for line in lines).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _append_lock:
+        if _ends_torn(path):  # a write cut short by a crash: start on a line of our own
+            payload = b"\n" + payload
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, payload)
+            if written != len(payload):
+                raise OSError(f"{path}: only {written} of {len(payload)} bytes written")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _ends_torn(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            if handle.seek(0, os.SEEK_END) == 0:
+                return False
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+def labels_by_request(traffic_dir: Path) -> dict[str, list[str]]:
+    """Every request's true labels given so far (the newest feedback per id wins)."""
+    path = traffic_dir / FEEDBACK_FILE
+    if not path.is_file():
+        return {}
+    given: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip() and (record := FeedbackRecord.from_line(line)) is not None:
+                given[record.request_id] = record.labels
+    return given
+
+
+def labelled_traffic(traffic_dir: Path) -> Iterator[tuple[str, str]]:
+    """(text, true label) of every logged text with feedback (texts kept as logged, with
+    personal data redacted; hashed-only records have no text to give)."""
+    given = labels_by_request(traffic_dir)
+    requests = find_requests(traffic_dir, set(given))
+    for rid, records in requests.items():
+        for record, label in zip(records, given[rid], strict=False):
+            if record.text is not None:
+                yield record.text, label
+
+
+def read_items(path: Path) -> list[tuple[str, list[str]]]:
+    """`lmops feedback FILE`: JSON Lines of {"request_id": ..., "labels": [...]}, or a CSV
+    with `request_id` and `label` columns (one row per text, in the request's order)."""
+    from lmops.errors import DataError
+
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        missing = {"request_id", "label"} - set(frame.columns)
+        if missing:
+            raise DataError(f"{path}: no {sorted(missing)} column(s) (has {list(frame.columns)})")
+        grouped = frame.groupby("request_id", sort=False)["label"]
+        return [(str(rid), list(labels)) for rid, labels in grouped]
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = FeedbackItem.model_validate_json(line)
+        except ValidationError:
+            raise DataError(
+                f'{path}:{number}: not {{"request_id": "...", "labels": ["...", ...]}}'
+            ) from None
+        items.append((item.request_id, item.labels))
+    return items
+
+
+class FeedbackItem(BaseModel):
+    """One line of a feedback file, as POST /v1/feedback takes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    request_id: str
+    labels: list[str] = Field(min_length=1)
+
+
+def realized(
+    request_ids: Iterable[str | None], predicted: Iterable[str], given: dict[str, list[str]]
+) -> tuple[int, float | None]:
+    """(labelled texts, accuracy on them) of a window's records, in log order: the k-th
+    record of a request is the request's k-th text."""
+    seen: dict[str, int] = {}
+    right = total = 0
+    for rid, label in zip(request_ids, predicted, strict=True):
+        if rid is None or rid not in given:
+            continue
+        k = seen.get(rid, 0)
+        seen[rid] = k + 1
+        if k < len(given[rid]):
+            total += 1
+            right += given[rid][k] == label
+    return total, (right / total if total else None)
