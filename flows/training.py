@@ -28,6 +28,7 @@ from lmops.artifacts import DataManifest, ExportManifest, Metrics
 from lmops.config import (
     OrchestrationConfig,
     apply_overrides,
+    load_params,
     override,
     parse_params,
     read_raw,
@@ -203,8 +204,10 @@ def _manifest_markdown(manifest: DataManifest, docs_url: str, stages: list[dict]
 
 @task
 def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
-    """Commit dvc.lock, params and reports, and tag the commit as a version (GTO)."""
-    version, new = registry.register(Path(project_dir), by, summary)
+    """Commit dvc.lock, params and reports, push data and models to the DVC remote, and tag
+    the commit as a version (GTO)."""
+    root = Path(project_dir)
+    version, new = registry.register(root, by, summary, load_params(root).registry.remote)
     return {"version": version, "new": new}
 
 

@@ -330,10 +330,12 @@ def serve(
         follow = None
         engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
     else:
-        from lmops.registry import stage_resolver
+        from lmops.registry import ensure_remote, stage_resolver
         from lmops.serving import stage as stage_serving
 
         resolve = stage_resolver(root, stage)  # checks the stage's name first
+        # A clone with an empty cache pulls the version from the remote registrations push to.
+        ensure_remote(root, params.registry.remote)
         load = stage_serving.loader(root, cfg)
         engine, wanted, problem = stage_serving.start(root, stage, load)
         follow = Following(resolve, load, stage, wanted, problem)

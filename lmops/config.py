@@ -272,6 +272,10 @@ class PromotionConfig(_Strict):
     max_cost_increase: float = Field(ge=0)
 
 
+class RegistryConfig(_Strict):
+    remote: str = Field(min_length=1)
+
+
 class CostConfig(_Strict):
     energy: Literal["codecarbon", "none"]
     country_iso_code: str | None = Field(pattern=r"^[A-Z]{3}$")
@@ -347,6 +351,7 @@ class Params(_Strict):
     serve: ServeConfig
     monitor: MonitorConfig
     promotion: PromotionConfig
+    registry: RegistryConfig
     cost: CostConfig
     orchestration: OrchestrationConfig
 

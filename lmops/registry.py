@@ -129,9 +129,11 @@ def metrics_at(root: Path, commit: str) -> Metrics | None:
     return Metrics.parse(text, f"{METRICS} at {commit[:12]}") if text else None
 
 
-def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
-    """Commit dvc.lock, params and reports (if they changed) and tag that commit as a new
-    version. Returns (version, newly registered): a commit already tagged keeps its version."""
+def register(root: Path, by: str, summary: str, remote: str) -> tuple[str, bool]:
+    """Commit dvc.lock, params and reports (if they changed), push the data and models to
+    the DVC remote (`remote`: registry.remote, see ensure_remote), and tag that commit as a
+    new version. Returns (version, newly registered): a commit already tagged keeps its
+    version. A failed push registers nothing."""
     import gto.api
 
     _require_git(root)
@@ -152,6 +154,7 @@ def register(root: Path, by: str, summary: str) -> tuple[str, bool]:
         existing = version_at(root, head)
         if existing:
             return existing, False
+        push(root, remote)
         gto.api.register(
             str(root),
             ARTIFACT,
@@ -353,6 +356,44 @@ def _fetch_once(target: Path, what: str, fetch: Callable[[str], Any]) -> Path:
     except OSError:  # another process fetched it first
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+REMOTE_NAME = "lmops"
+
+
+def ensure_remote(root: Path, url: str) -> str:
+    """The DVC remote versions are pushed to and pulled from: the repository's default
+    remote when it has one, else `url` (registry.remote) added as `lmops` to
+    .dvc/config.local, which stays on this machine. A local path is made absolute
+    (~ expanded, relative to the project)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        default = repo.config["core"].get("remote")
+        if default:
+            return default
+        if "://" not in url:
+            url = str((root / Path(url).expanduser()).resolve())
+        with repo.config.edit("local") as conf:
+            conf["remote"][REMOTE_NAME] = {"url": url}
+            conf["core"]["remote"] = REMOTE_NAME
+    return REMOTE_NAME
+
+
+def push(root: Path, url: str) -> str:
+    """Push the workspace's data and models (the version being registered) to the remote;
+    returns the remote's name. A remote that refuses is the caller's LmopsError."""
+    from dvc.repo import Repo
+
+    name = ensure_remote(root, url)
+    try:
+        with Repo(str(root)) as repo:
+            repo.push(remote=name)
+    except Exception as err:
+        raise LmopsError(
+            f"cannot push the version's data and models to DVC remote {name!r}: {err}"
+        ) from err
+    return name
 
 
 def materialize(root: Path, version: str, refetch: bool = False) -> Path:

@@ -67,6 +67,7 @@ def reference_model(root: Path, params: Params) -> tuple[str, Path, Path]:
 
     prod = registry.stage_version(root, "prod") if registry.is_git_repo(root) else None
     if prod is not None:
+        registry.ensure_remote(root, params.registry.remote)
         return (
             prod,
             registry.materialize(root, prod),

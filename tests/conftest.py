@@ -102,10 +102,12 @@ def copy_project(dest: Path) -> Path:
 
 
 def tiny_git_project(dest: Path) -> Path:
-    """The project in `dest` as a fresh git repo, the tiny profile applied and committed."""
+    """The project in `dest` as a fresh git repo, the tiny profile applied and committed;
+    registrations push to a DVC remote beside it (not the user's ~/.cache)."""
     root = copy_project(dest)
     git(root, "init", "-q")
-    apply_overrides(root, resolve_overrides(root, "tiny", []))
+    remote = dest.parent / f"{dest.name}-dvc-remote"
+    apply_overrides(root, resolve_overrides(root, "tiny", [f"registry.remote={remote}"]))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project under test")
     return root

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lmops import registry
-from lmops.config import apply_overrides
+from lmops.config import apply_overrides, load_params
 from lmops.errors import LmopsError
 from lmops.workspace import LOCK_FILE
 from tests.conftest import (
@@ -182,6 +182,35 @@ def test_server_on_prod_follows_a_rollback(project: Path, env: dict, tmp_path: P
     finally:
         assert stop_server(server) in (0, -15)  # uvicorn re-raises the SIGTERM it handled
         git(project, "checkout", "--", "params.yaml")
+
+
+def test_a_fresh_clone_elsewhere_serves_prod_pulled_from_the_remote(
+    project: Path, tmp_path: Path
+) -> None:
+    """Registration pushed each version's data and models to registry.remote; a clone at
+    another path, with an empty DVC cache and no .dvc/config.local, serves prod from it."""
+    remote = Path(load_params(project).registry.remote)
+    assert any(p.is_file() for p in remote.rglob("*")), "registration pushed nothing"
+    clone = tmp_path / "elsewhere" / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    assert not (clone / ".dvc" / "cache").exists()
+    prod = registry.stage_version(project, "prod")
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
+        clone,
+        port,
+        tmp_path / "serve.log",
+    )
+    try:
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["质量很好"]}, timeout=10
+        )
+        assert answer.status_code == 200 and answer.json()["version"] == prod
+    finally:
+        assert stop_server(server) in (0, -15)
+    local = (clone / ".dvc" / "config.local").read_text("utf-8")
+    assert "remote = lmops" in local and str(remote) in local
 
 
 def test_history_shows_promotions_refusal_free_and_the_rollback(project: Path, env: dict) -> None:
