@@ -155,33 +155,65 @@ def test_models_lists_versions_with_stages_and_metrics(project: Path, env: dict)
     assert better["accuracy"] > worse["accuracy"]
 
 
-def test_server_on_prod_follows_a_rollback(project: Path, env: dict, tmp_path: Path) -> None:
-    port = free_port()
+def test_two_replicas_on_prod_follow_a_rollback_without_a_failed_request(
+    project: Path, env: dict, tmp_path: Path
+) -> None:
+    """Two servers on different ports follow the same registry: when prod moves (a
+    rollback is an assignment like a promotion), both swap to the new version within their
+    poll interval while a client keeps sending to both, and no request fails."""
+    import threading
+
     # Poll fast for the test; written like any --set, so the workspace stays consistent.
     apply_overrides(project, {"serve.poll_seconds": 0.3})
-    server = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
-        project,
-        port,
-        tmp_path / "serve.log",
-    )
-    url = f"http://127.0.0.1:{port}/v1/predict"
+    ports = [free_port(), free_port()]
+    servers = [
+        start_server(
+            [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
+            project,
+            port,
+            tmp_path / f"serve-{n}.log",
+        )
+        for n, port in enumerate(ports)
+    ]
+    urls = [f"http://127.0.0.1:{port}/v1/predict" for port in ports]
+    seen: list[list[str]] = [[], []]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_asking(n: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    answer = client.post(urls[n], json={"texts": ["质量很好"]})
+                    answer.raise_for_status()
+                    seen[n].append(answer.json()["version"])
+                except httpx.HTTPError as err:
+                    failures.append(f"replica {n}: {err!r}")
+
+    clients = [threading.Thread(target=keep_asking, args=(n,)) for n in range(2)]
     try:
-        before = httpx.post(url, json={"texts": ["质量很好"]}, timeout=10).json()
-        assert before["version"] == "v0.0.2"
+        for client in clients:
+            client.start()
+        time.sleep(1)
+        assert all(s and s[-1] == "v0.0.2" for s in seen)
 
         result = lmops(project, env, "rollback")
         assert result.returncode == 0, result.stderr
         assert "prod: v0.0.2 -> v0.0.1" in result.stdout
 
-        deadline, version = time.monotonic() + 30, before["version"]
-        while version != "v0.0.1" and time.monotonic() < deadline:
-            version = httpx.post(url, json={"texts": ["质量很好"]}, timeout=10).json()["version"]
+        deadline = time.monotonic() + 30
+        while not all(s[-1] == "v0.0.1" for s in seen) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert version == "v0.0.1"
+        assert all(s[-1] == "v0.0.1" for s in seen), [s[-1] for s in seen]
     finally:
-        assert stop_server(server) in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+        stop.set()
+        for client in clients:
+            client.join(timeout=30)
+        for server in servers:
+            assert stop_server(server) in (0, -15)  # uvicorn re-raises the SIGTERM it handled
         git(project, "checkout", "--", "params.yaml")
+    assert not failures, failures[:5]
+    assert all(len(s) > 20 for s in seen)  # both kept answering throughout
 
 
 def test_a_fresh_clone_elsewhere_serves_prod_pulled_from_the_remote(
