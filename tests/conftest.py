@@ -365,6 +365,32 @@ def serve(root: Path, preexec_fn: Callable[[], None] | None = None) -> tuple[str
     return f"http://127.0.0.1:{port}", process
 
 
+def run_lmops(
+    root: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """`lmops ARGS` in `root` as a user runs it, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "lmops", *args],
+        cwd=root,
+        env=env or tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def serve_stage(root: Path, log: Path, stage: str = "prod") -> tuple[str, subprocess.Popen]:
+    """`lmops serve --stage STAGE` in `root` on a free port, ready: (base URL, process)."""
+    port = free_port()
+    process = start_server(
+        [sys.executable, "-m", "lmops", "serve", "--stage", stage, "--port", str(port)],
+        root,
+        port,
+        log,
+    )
+    return f"http://127.0.0.1:{port}", process
+
+
 @pytest.fixture(scope="session")
 def served(
     tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory

@@ -19,9 +19,8 @@ import pytest
 from lmops.tasks.stages import STAGES
 from tests.conftest import (
     BIN_DIR,
-    free_port,
     latest_artifact,
-    start_server,
+    serve_stage,
     stop_server,
     tiny_git_project,
     tool_env,
@@ -174,17 +173,11 @@ def test_drift_closes_the_loop_through_the_automation(deployed: dict, tmp_path: 
     monitoring = api.deployment("monitoring", "monitoring")
     started = datetime.now(UTC)
 
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
-        root,
-        port,
-        tmp_path / "serve.log",
-    )
+    url, server = serve_stage(root, tmp_path / "serve.log")
     try:
         sent = subprocess.run(
             [sys.executable, "-m", "lmops", "simulate-traffic", "--scenario", "shifted"]
-            + ["--n", "300", "--url", f"http://127.0.0.1:{port}"],
+            + ["--n", "300", "--url", url],
             cwd=root,
             env=tool_env(),
             capture_output=True,

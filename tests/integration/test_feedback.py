@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from lmops import feedback
 from lmops.config import override, read_raw
 from lmops.sources import read_labelled
-from tests.conftest import serve, serving_workspace, stop_server, tool_env
+from tests.conftest import run_lmops, serve, serving_workspace, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +58,7 @@ def workspace(
 
 
 def lmops(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmops", *args],
-        cwd=root,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_lmops(root, *args, timeout=300)
 
 
 def _labels(texts: pd.DataFrame, n: int) -> list[str]:

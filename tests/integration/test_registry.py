@@ -23,6 +23,8 @@ from lmops.workspace import LOCK_FILE
 from tests.conftest import (
     free_port,
     git,
+    run_lmops,
+    serve_stage,
     start_server,
     stop_server,
     tiny_git_project,
@@ -41,14 +43,7 @@ WORSE = ["--set", "finetune.epochs=1", "--set", "finetune.learning_rate=1.0e-5"]
 
 
 def lmops(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmops", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_lmops(root, *args, env=env)
 
 
 def lmops_background(root: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
@@ -165,17 +160,9 @@ def test_two_replicas_on_prod_follow_a_rollback_without_a_failed_request(
 
     # Poll fast for the test; written like any --set, so the workspace stays consistent.
     apply_overrides(project, {"serve.poll_seconds": 0.3})
-    ports = [free_port(), free_port()]
-    servers = [
-        start_server(
-            [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
-            project,
-            port,
-            tmp_path / f"serve-{n}.log",
-        )
-        for n, port in enumerate(ports)
-    ]
-    urls = [f"http://127.0.0.1:{port}/v1/predict" for port in ports]
+    replicas = [serve_stage(project, tmp_path / f"serve-{n}.log") for n in range(2)]
+    urls = [f"{base}/v1/predict" for base, _ in replicas]
+    servers = [server for _, server in replicas]
     seen: list[list[str]] = [[], []]
     failures: list[str] = []
     stop = threading.Event()
@@ -227,17 +214,9 @@ def test_a_fresh_clone_elsewhere_serves_prod_pulled_from_the_remote(
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     assert not (clone / ".dvc" / "cache").exists()
     prod = registry.stage_version(project, "prod")
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
-        clone,
-        port,
-        tmp_path / "serve.log",
-    )
+    base, server = serve_stage(clone, tmp_path / "serve.log")
     try:
-        answer = httpx.post(
-            f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["质量很好"]}, timeout=10
-        )
+        answer = httpx.post(f"{base}/v1/predict", json={"texts": ["质量很好"]}, timeout=10)
         assert answer.status_code == 200 and answer.json()["version"] == prod
     finally:
         assert stop_server(server) in (0, -15)
@@ -267,14 +246,7 @@ def test_model_pages_show_every_version_offline(
     """The registry index and a version's page, served by `lmops serve`, in a real browser
     with no network: every version listed, the figures of metrics.json beside the baseline
     and prod, its pictures loaded, its history; and their faults are 404s or a warning."""
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "lmops", "serve", "--stage", "prod", "--port", str(port)],
-        project,
-        port,
-        tmp_path / "serve.log",
-    )
-    base = f"http://127.0.0.1:{port}"
+    base, server = serve_stage(project, tmp_path / "serve.log")
     drift = project / "reports" / "drift"
     try:
         index = page.open(f"{base}/models", "document.querySelector('table')")
