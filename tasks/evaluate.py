@@ -302,6 +302,7 @@ def _model_card(
         f"- corpus: `{manifest.corpus.spec}`, {manifest.rows['corpus']:,} documents",
         "- content sha256 (`data/validated/manifest.json`): "
         + ", ".join(f"{name} `{digest[:16]}`" for name, digest in manifest.content_sha256.items()),
+        *([f"- {manifest.personal_data.line()}"] if manifest.personal_data else []),
         "",
         "## Training",
         *(run.line(stage) for stage, run in training.items()),

@@ -78,7 +78,11 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
         workspace[f"reports/cost/{s}.json"]["data"].get("tokens", 0) for s in training["stages"]
     )
     assert training["stages"]["pretrain"]["flops"] > 0
-    assert "## Cost" in (project / "reports" / "model_card.md").read_text("utf-8")
+    card = (project / "reports" / "model_card.md").read_text("utf-8")
+    assert "## Cost" in card
+    # What the personal-data check found and did (validation.pii), on the card and so on
+    # the model page.
+    assert "- Personal data (validation.pii: redact): " in card
     plots = json.loads(_dvc(project, "plots", "show", "--json").stdout)["data"]
     assert {
         "reports/plots/confusion.json",
