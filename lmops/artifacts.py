@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -308,6 +308,19 @@ def traffic_file_hour(name: str) -> tuple[datetime, int] | None:
         return None
     hour = datetime.strptime(match.group(1), "%Y%m%dT%H").replace(tzinfo=UTC)
     return hour, int(match.group(2) or 0)
+
+
+def traffic_files(folder: Path, since: datetime | None = None) -> list[Path]:
+    """A traffic log folder's files, newest first; hourly files wholly before `since` are
+    left out. A missing folder has none."""
+    named = []
+    if folder.is_dir():
+        for candidate in folder.iterdir():
+            if (named_hour := traffic_file_hour(candidate.name)) is not None:
+                hour, part = named_hour
+                if since is None or hour + timedelta(hours=1) > since:
+                    named.append((hour, part, candidate))
+    return [path for *_, path in sorted(named, reverse=True)]
 
 
 class TrafficRecord(_Artifact):

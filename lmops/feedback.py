@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmops.artifacts import FeedbackRecord, TrafficRecord, traffic_file_hour
+from lmops.artifacts import FeedbackRecord, TrafficRecord, traffic_files
 
 FEEDBACK_FILE = "feedback.jsonl"
 _append_lock = threading.Lock()
@@ -36,15 +36,6 @@ class Verdict:
     request_id: str
     status: int
     detail: str
-
-
-def _traffic_files_newest_first(traffic_dir: Path) -> list[Path]:
-    named = []
-    if traffic_dir.is_dir():
-        for path in traffic_dir.iterdir():
-            if (hour := traffic_file_hour(path.name)) is not None:
-                named.append((hour, path))
-    return [path for _, path in sorted(named, reverse=True)]
 
 
 def _records(path: Path) -> Iterator[TrafficRecord]:
@@ -60,7 +51,7 @@ def find_requests(traffic_dir: Path, ids: set[str]) -> dict[str, list[TrafficRec
     found: dict[str, list[TrafficRecord]] = {}
     if not ids:
         return found
-    for path in _traffic_files_newest_first(traffic_dir):
+    for path in traffic_files(traffic_dir):
         in_file: dict[str, list[TrafficRecord]] = {}
         previous = None
         for record in _records(path):

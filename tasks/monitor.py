@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lmops.artifacts import DriftSummary, ExportManifest, TrafficRecord, traffic_file_hour
+from lmops.artifacts import DriftSummary, ExportManifest, TrafficRecord, traffic_files
 from lmops.atomic import atomic_dir
 from lmops.config import MonitorConfig, MonitorWindowConfig, Params, PerformanceEstimateConfig
 from lmops.errors import DataError
@@ -107,14 +107,7 @@ def _traffic_files(path: Path, start: datetime | None) -> list[Path]:
             f"no traffic log at {path} (serve.traffic.dir, or --traffic): start the server "
             "(lmops serve) and send it requests first"
         )
-    named = []
-    for candidate in path.iterdir():
-        named_hour = traffic_file_hour(candidate.name)
-        if named_hour is not None:
-            hour, part = named_hour
-            if start is None or hour + timedelta(hours=1) > start:
-                named.append((hour, part, candidate))
-    return [p for *_, p in sorted(named, reverse=True)]
+    return traffic_files(path, start)
 
 
 def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> TrafficWindow:
