@@ -1,6 +1,10 @@
 """The promotion flow: champion (prod) vs challenger, then staging → prod when every gate
 passes. On a failed gate nothing in the registry changes and the report names the gate
-with its numbers. The first model, with no champion, faces the absolute gates only."""
+with its numbers. The first model, with no champion, faces the absolute gates only.
+
+With promotion.live.required, a challenger that passes goes to staging only; promoting it
+again once a server has shadowed it beside prod (`lmops serve --stage prod --challenger
+staging`) adds the live gates, and moves it to prod when they pass too."""
 
 from __future__ import annotations
 
@@ -66,13 +70,32 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
         )
         if champion:
             gates += promote.relative_gates(measured, challenger, champion, params.promotion)
+        # Live evidence is asked of a challenger with a champion to compare it with, once it
+        # waits in staging (where `lmops serve --challenger staging` shadows it).
+        live_cfg = params.promotion.live
+        wants_live = bool(champion) and live_cfg.required
+        staged = registry.stage_version(root, "staging") == challenger
+        live = None
+        if wants_live and staged:
+            live = promote.live_evidence(
+                root / params.serve.traffic.dir, champion, challenger, params.promotion.confidence
+            )
+            gates += promote.live_gates(live, live_cfg)
         failed = [g for g in gates if not g["passed"]]
         report = promote.markdown(challenger, champion, measured, gates)
-        figures = promote.key_figures(measured, challenger, gates, evaluation)
+        figures = promote.key_figures(measured, challenger, gates, evaluation, live)
+        to_staging_only = wants_live and not staged and not failed
         if failed:
             why = "refused: " + "; ".join(
                 f"{g['gate']} {g['value']} (needed {g['threshold']})" for g in failed
             )
+        elif to_staging_only:
+            why = (
+                f"gates passed against {champion}; in staging until it has live evidence "
+                "(promotion.live.required): serve it with `lmops serve --stage prod "
+                f"--challenger staging`, then `lmops promote {challenger}` again"
+            )
+            registry.assign(root, challenger, "staging", who, why, figures)
         else:
             why = f"gates passed against {champion or 'no champion (first model)'}"
             # Relaxed gates and what each paired comparison means ("may be noise") go on record.
@@ -80,10 +103,11 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
             if registry.stage_version(root, "staging") != challenger:
                 registry.assign(root, challenger, "staging", who, why, figures)
             registry.assign(root, challenger, "prod", who, why, figures)
-        logger.info("%s %s: %s", "promoted" if not failed else "did not promote", challenger, why)
+        verdict = "REFUSED" if failed else "STAGED" if to_staging_only else "PROMOTED to prod"
+        logger.info("%s: %s %s", verdict, challenger, why)
         create_markdown_artifact(
             key="promotion",
-            markdown=f"# Promotion: {'PROMOTED to prod' if not failed else 'REFUSED'}\n\n"
+            markdown=f"# Promotion: {verdict}\n\n"
             f"{report}\n\nRegistry: prod = "
             f"**{registry.stage_version(root, 'prod') or 'none'}**, staging = "
             f"**{registry.stage_version(root, 'staging') or 'none'}**. By {who}.",
@@ -92,7 +116,8 @@ def _gate_and_promote(version: str | None, root: Path, who: str) -> dict[str, An
     return {
         "version": challenger,
         "champion": champion,
-        "promoted": not failed,
+        "promoted": not failed and not to_staging_only,
+        "staged": to_staging_only,
         "failed_gates": [g["gate"] for g in failed],
         "why": why,
         "gates": gates,

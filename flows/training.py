@@ -237,11 +237,10 @@ def _registry_markdown(
         ),
     ]
     if promoted is not None:
-        lines += [
-            "",
-            f"Promotion: {'PROMOTED' if promoted['promoted'] else 'not promoted'} — "
-            f"{promoted['why']}",
-        ]
+        verdict = "PROMOTED" if promoted["promoted"] else "not promoted"
+        if promoted.get("staged"):
+            verdict = "STAGED"
+        lines += ["", f"Promotion: {verdict} — {promoted['why']}"]
     return "\n".join(lines)
 
 

@@ -289,34 +289,40 @@ def sha256_of(path: Path) -> str:
 
 # -- the traffic log: <serve.traffic.dir>/traffic-<UTC hour>[.<n>].jsonl -----------------
 
-TRAFFIC_FILE = re.compile(r"traffic-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl")
+# The traffic log folder holds two families of hourly files: `traffic-*` (every answered
+# text, what the monitor and the feedback join read) and `shadow-*` (the challenger's
+# scores beside prod's, what the live promotion gates read).
+LOG_FILE = re.compile(r"(traffic|shadow)-(\d{8}T\d{2})(?:\.(\d+))?\.jsonl")
+LogKind = Literal["traffic", "shadow"]
 # JSON leaves U+2028, U+2029 and U+0085 raw, and Python's str.splitlines() breaks lines
 # at them: escaped, so that one record is always one line for every reader.
 _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
 
 
-def traffic_file_name(hour: datetime, part: int = 0) -> str:
+def traffic_file_name(hour: datetime, part: int = 0, kind: LogKind = "traffic") -> str:
     """The hour's file; `part` > 0 when the first name is taken by something unwritable."""
-    stem = f"traffic-{hour.astimezone(UTC):%Y%m%dT%H}"
+    stem = f"{kind}-{hour.astimezone(UTC):%Y%m%dT%H}"
     return f"{stem}.{part}.jsonl" if part else f"{stem}.jsonl"
 
 
-def traffic_file_hour(name: str) -> tuple[datetime, int] | None:
-    """(hour, part) of a traffic log file's name, or None for any other file."""
-    match = TRAFFIC_FILE.fullmatch(name)
-    if match is None:
+def traffic_file_hour(name: str, kind: LogKind = "traffic") -> tuple[datetime, int] | None:
+    """(hour, part) of a `kind` log file's name, or None for any other file."""
+    match = LOG_FILE.fullmatch(name)
+    if match is None or match.group(1) != kind:
         return None
-    hour = datetime.strptime(match.group(1), "%Y%m%dT%H").replace(tzinfo=UTC)
-    return hour, int(match.group(2) or 0)
+    hour = datetime.strptime(match.group(2), "%Y%m%dT%H").replace(tzinfo=UTC)
+    return hour, int(match.group(3) or 0)
 
 
-def traffic_files(folder: Path, since: datetime | None = None) -> list[Path]:
-    """A traffic log folder's files, newest first; hourly files wholly before `since` are
-    left out. A missing folder has none."""
+def traffic_files(
+    folder: Path, since: datetime | None = None, kind: LogKind = "traffic"
+) -> list[Path]:
+    """A traffic log folder's files of one kind, newest first; hourly files wholly before
+    `since` are left out. A missing folder has none."""
     named = []
     if folder.is_dir():
         for candidate in folder.iterdir():
-            if (named_hour := traffic_file_hour(candidate.name)) is not None:
+            if (named_hour := traffic_file_hour(candidate.name, kind)) is not None:
                 hour, part = named_hour
                 if since is None or hour + timedelta(hours=1) > since:
                     named.append((hour, part, candidate))
@@ -357,6 +363,57 @@ class TrafficRecord(_Artifact):
         if record.timestamp.tzinfo is None:
             record.timestamp = record.timestamp.replace(tzinfo=UTC)
         return record
+
+
+class ShadowRecord(_Artifact):
+    """One text prod answered and the challenger scored in its shadow (serving/challenger.py):
+    both labels and calibrated scores, for agreement and estimated accuracy. The text itself
+    is in the traffic log under the same request id."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    timestamp: datetime
+    request_id: str
+    index: int
+    prod_version: str
+    prod_label: str
+    prod_score: float
+    # What the caller waited for prod's answer (the whole request, queueing included).
+    prod_latency_ms: float
+    challenger_version: str
+    challenger_label: str
+    challenger_score: float
+    # The challenger's session time for the request's texts alone.
+    challenger_latency_ms: float
+
+    def line(self) -> str:
+        payload = self.model_dump(mode="json")
+        payload["timestamp"] = self.timestamp.isoformat(timespec="milliseconds")
+        return json.dumps(payload, ensure_ascii=False)
+
+    @classmethod
+    def from_line(cls, line: str) -> ShadowRecord | None:
+        """The record, or None for a line that is not one (a write cut short)."""
+        try:
+            return cls.model_validate_json(line)
+        except ValidationError:
+            return None
+
+
+def shadow_records(folder: Path, prod: str, challenger: str) -> list[ShadowRecord]:
+    """Every shadow record of `challenger` scored beside `prod`, oldest file first."""
+    found = []
+    for path in reversed(traffic_files(folder, kind="shadow")):
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                record = ShadowRecord.from_line(line)
+                if (
+                    record is not None
+                    and record.prod_version == prod
+                    and record.challenger_version == challenger
+                ):
+                    found.append(record)
+    return found
 
 
 class FeedbackRecord(_Artifact):

@@ -116,12 +116,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         typer.echo(
             f"  registry   {registered['version']}"
             + (" (newly registered)" if registered["new"] else " (already registered)")
-            + (
-                f"; {'PROMOTED to prod' if promoted['promoted'] else 'not promoted'}: "
-                f"{promoted['why']}"
-                if promoted
-                else ""
-            )
+            + (f"; {_promotion_verdict(promoted)}: {promoted['why']}" if promoted else "")
             + " (lmops models)"
         )
         if promoted and promoted["promoted"]:
@@ -253,6 +248,12 @@ def _served(root: Path, url: str) -> None:
     raise typer.Exit(1)
 
 
+def _promotion_verdict(promoted: dict[str, Any]) -> str:
+    if promoted["promoted"]:
+        return "PROMOTED to prod"
+    return "in staging, waiting for live evidence" if promoted.get("staged") else "not promoted"
+
+
 @app.command()
 @_user_errors
 def promote(
@@ -273,6 +274,8 @@ def promote(
         typer.echo(result["report"] + "\n")
     if result["promoted"]:
         typer.echo(f"promoted {result['version']} to prod (via staging): {result['why']}")
+    elif result.get("staged"):
+        typer.echo(f"{result['version']} to staging: {result['why']}")
     elif result.get("failed_gates"):
         raise LmopsError(f"{result['version']} not promoted, {result['why']}")
     else:
@@ -314,6 +317,14 @@ def serve(
             "serve.poll_seconds)."
         ),
     ] = None,
+    challenger: Annotated[
+        str | None,
+        typer.Option(
+            help="With --stage: also load the version in this stage (e.g. staging) beside it, "
+            "scoring serve.shadow.share of requests in the shadow and answering "
+            "serve.canary.share of them (followed like --stage)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the exported model with ONNX Runtime: /v1/predict, /v2 (Open Inference
     Protocol), /metrics. CUDA when ONNX Runtime really has it, CPU otherwise."""
@@ -326,6 +337,11 @@ def serve(
     root = Path.cwd()
     params = load_params(root)
     cfg = params.serve
+    if challenger is not None and (stage is None or challenger == stage):
+        raise LmopsError(
+            "--challenger needs --stage, and another stage: the challenger is compared with "
+            "the version --stage serves"
+        )
     if stage is None:
         follow = None
         engine = Engine(root / cfg.model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads)
@@ -339,16 +355,39 @@ def serve(
         load = stage_serving.loader(root, cfg)
         engine, wanted, problem = stage_serving.start(root, stage, load)
         follow = Following(resolve, load, stage, wanted, problem)
+    challenger_engine, challenger_follow = None, None
+    if challenger is not None:
+        # Shadow only: one thread (at the lowest priority, serving/challenger.py), so that
+        # prod keeps the cores; as a canary it answers callers, with prod's threads.
+        threads = cfg.threads if cfg.canary.share > 0 else 1
+        challenger_load = stage_serving.loader(root, cfg, threads)
+        challenger_engine, challenger_follow = stage_serving.start_challenger(
+            root, challenger, challenger_load
+        )
     following = "" if stage is None else f", following stage {stage}"
     if follow is not None and follow.problem:
         following += f" — FALLBACK: {follow.problem}"
+    if challenger_follow is not None:
+        mode = f"canary {cfg.canary.share:.0%}, " if cfg.canary.share > 0 else ""
+        following += (
+            f"; challenger {challenger_engine.version if challenger_engine else 'NOT LOADED'} "
+            f"from {challenger} ({mode}shadow {cfg.shadow.share:.0%})"
+        )
     typer.echo(
         f"serving {cfg.model_name} {engine.version} ({engine.variant}) on {engine.providers}"
         + following,
         err=True,
     )
     run_server(
-        create_app(cfg, engine, root, follow, root / params.monitor.reports_dir),
+        create_app(
+            cfg,
+            engine,
+            root,
+            follow,
+            root / params.monitor.reports_dir,
+            challenger_follow,
+            challenger_engine,
+        ),
         host or cfg.host,
         cfg.port if port is None else port,
         cfg.drain_seconds,

@@ -233,6 +233,19 @@ class ExplainConfig(_Strict):
     max_tokens: int = Field(ge=1)
 
 
+class ShadowConfig(_Strict):
+    share: float = Field(ge=0, le=1)
+    max_pending: int = Field(ge=1)
+
+
+class CanaryConfig(_Strict):
+    share: float = Field(ge=0, lt=1)
+    min_requests: int = Field(ge=1)
+    window: int = Field(ge=1)
+    max_error_rate_increase: float = Field(ge=0, le=1)
+    max_latency_ratio: float = Field(gt=0)
+
+
 class ServeConfig(_Strict):
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
@@ -251,6 +264,8 @@ class ServeConfig(_Strict):
     drain_seconds: float = Field(ge=0)
     traffic: TrafficConfig
     explain: ExplainConfig
+    shadow: ShadowConfig
+    canary: CanaryConfig
 
     @property
     def pages_url(self) -> str:
@@ -258,6 +273,13 @@ class ServeConfig(_Strict):
         the links Prefect artifacts give, since a browser blocks file:// from an http page."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+
+class LiveEvidenceConfig(_Strict):
+    required: bool
+    min_texts: int = Field(ge=1)
+    min_agreement: float = Field(ge=0, le=1)
+    estimated_accuracy_margin: float = Field(ge=0, le=1)
 
 
 class PromotionConfig(_Strict):
@@ -270,6 +292,7 @@ class PromotionConfig(_Strict):
     max_latency_increase: float = Field(ge=0)
     latency_samples: int = Field(ge=10)
     max_cost_increase: float = Field(ge=0)
+    live: LiveEvidenceConfig
 
 
 class RegistryConfig(_Strict):

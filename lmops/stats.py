@@ -146,3 +146,16 @@ def estimated_accuracy(
     sampling_variance = float(confidence.var(ddof=1)) / n * unsampled if n > 1 else 0.0
     half = float(norm.ppf(0.5 + level / 2)) * (outcome_variance + sampling_variance) ** 0.5
     return estimate, max(estimate - half, 0.0), min(estimate + half, 1.0)
+
+
+def paired_mean_interval(differences: np.ndarray, level: float) -> tuple[float, float, float]:
+    """The mean of per-text differences and its normal-approximation interval (the
+    sampling of texts; the live gates' paired comparison of two models' confidences)."""
+    from scipy.stats import norm
+
+    n = len(differences)
+    mean = float(differences.mean())
+    if n < 2:
+        return mean, float("-inf"), float("inf")
+    half = float(norm.ppf(0.5 + level / 2)) * float(differences.std(ddof=1)) / n**0.5
+    return mean, mean - half, mean + half

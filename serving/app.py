@@ -46,6 +46,7 @@ from lmops.config import ServeConfig
 from lmops.engine import Engine, ExplainRefused
 from lmops.errors import LmopsError
 from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
+from lmops.serving.challenger import Challenger, ChallengerMetrics
 from lmops.serving.pages import EXAMPLE_TEXTS, landing_page, model_page, registry_index
 from lmops.serving.protocol import (
     EXTENSIONS,
@@ -56,7 +57,7 @@ from lmops.serving.protocol import (
 )
 from lmops.serving.stats import InferenceStats
 from lmops.serving.swap import Following, LiveModel, StageWatcher
-from lmops.serving.traffic import TrafficLog
+from lmops.serving.traffic import ShadowLog, TrafficLog
 from lmops.stages import VALIDATION_DOCS_DIR
 
 log = logging.getLogger(__name__)
@@ -319,10 +320,15 @@ def create_app(
     root: Path,
     follow: Following | None = None,
     drift_dir: Path | None = None,
+    challenger_follow: Following | None = None,
+    challenger_engine: Engine | None = None,
 ) -> FastAPI:
-    """Serve `engine`; given `resolve`, follow the version it names every
+    """Serve `engine`; given `follow`, follow the version it names every
     `serve.poll_seconds` with a hot swap (serving/swap.py). The registry's pages read
-    `root`'s git tags, and its latest drift verdict `drift_dir` (monitor.reports_dir)."""
+    `root`'s git tags, and its latest drift verdict `drift_dir` (monitor.reports_dir).
+    Given `challenger_follow`, a challenger (`challenger_engine`, None until its version
+    loads) follows that stage beside prod, in the shadow and as a canary
+    (serving/challenger.py)."""
     metrics = Metrics(engine, cfg.model_name)
     traffic = TrafficLog(
         root / cfg.traffic.dir,
@@ -379,19 +385,55 @@ def create_app(
         on_batch=metrics.on_batch,
     )
 
+    challenger, challenger_watcher, canary_batcher = None, None, None
+    if challenger_follow is not None:
+        challenger = Challenger(
+            LiveModel(challenger_engine),
+            challenger_follow.stage or "challenger",
+            cfg,
+            live_model,
+            ShadowLog(
+                root / cfg.traffic.dir,
+                cfg.traffic.rotate_mb,
+                on_error=lambda kind: metrics.traffic_log_errors.labels(kind).inc(),
+            ),
+            ChallengerMetrics(metrics.registry),
+        )
+        challenger_watcher = StageWatcher(
+            challenger.live,
+            challenger_follow.resolve,
+            challenger_follow.load or load,
+            challenger,
+            wanted=challenger_follow.wanted,
+            problem=challenger_follow.problem,
+        )
+        canary_batcher = MicroBatcher(
+            challenger.live.predict, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.warm_up()
         batcher.start()
-        watching = None if watcher is None else asyncio.create_task(watcher.run(cfg.poll_seconds))
+        watchers = [
+            asyncio.create_task(w.run(cfg.poll_seconds))
+            for w in (watcher, challenger_watcher)
+            if w is not None
+        ]
+        if canary_batcher is not None:
+            canary_batcher.start()
         app.state.ready = True
         yield
         app.state.ready = False
-        if watching is not None:
+        for watching in watchers:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
+        if canary_batcher is not None:
+            await canary_batcher.drain()
         await batcher.drain()
+        if challenger is not None:
+            challenger.close()
         traffic.close()
 
     # /docs from Swagger UI's files in the fastapi-offline package. No /redoc: its bundle
@@ -464,11 +506,28 @@ def create_app(
                     f"text {index} is not valid Unicode: {err.reason} at character {err.start}",
                 ) from None
         started = time.perf_counter()
+        predictions = None
+        if challenger is not None and challenger.takes_canary():
+            predictions = await canary(texts)
+        answered_by_canary = predictions is not None
+        if predictions is None:
+            predictions = await by_prod(texts, started)
+        latency_ms = (time.perf_counter() - started) * 1000
+        stats.succeeded(len(texts), int(latency_ms * 1e6))
+        traffic.append(request_id, texts, predictions, latency_ms)
+        metrics.texts.inc(len(texts))
+        if challenger is not None and not answered_by_canary:
+            challenger.shadow(request_id, texts, predictions, latency_ms)
+        return predictions
+
+    async def by_prod(texts: list[str], started: float) -> list[Any]:
         try:
             predictions = await batcher.submit(texts)
         except Exception as err:  # overloaded, a text the model refuses, a broken engine
             stats.failed(int((time.perf_counter() - started) * 1e9))
             if not isinstance(err, Overloaded):
+                if challenger is not None and not isinstance(err, TextRejected):
+                    challenger.prod_answered(False, (time.perf_counter() - started) * 1000)
                 raise
             raise ClientError(
                 503,
@@ -476,11 +535,24 @@ def create_app(
                 f"={cfg.max_queue}); retry shortly",
                 headers={"Retry-After": "1"},
             ) from None
-        latency_ms = (time.perf_counter() - started) * 1000
-        stats.succeeded(len(texts), int(latency_ms * 1e6))
-        traffic.append(request_id, texts, predictions, latency_ms)
-        metrics.texts.inc(len(texts))
+        if challenger is not None:
+            challenger.prod_answered(True, (time.perf_counter() - started) * 1000)
         return predictions
+
+    async def canary(texts: list[str]) -> list[Any] | None:
+        """The challenger's answers, or None for prod to answer: a canary's fault (or its
+        full queue) never reaches the caller, only the judge."""
+        assert challenger is not None and canary_batcher is not None
+        started = time.perf_counter()
+        try:
+            answers = await canary_batcher.submit(texts)
+        except Overloaded:
+            return None
+        except Exception as err:
+            challenger.canary_answered(False, (time.perf_counter() - started) * 1000, err)
+            return None
+        challenger.canary_answered(True, (time.perf_counter() - started) * 1000, None)
+        return answers
 
     def _checked_id(request_id: str, where: str) -> str:
         if len(request_id) > cfg.max_request_id_chars:
@@ -703,6 +775,7 @@ def create_app(
                 "max_length": engine.max_length,
                 "traffic_log": traffic_log_status(),
                 "following": stage_status(),
+                "challenger": challenger.status() if challenger is not None else None,
             },
         }
 

@@ -17,19 +17,24 @@ from lmops import registry
 from lmops.config import ServeConfig
 from lmops.engine import CorruptModel, Engine
 from lmops.errors import LmopsError
-from lmops.serving.swap import Loader, describe
+from lmops.serving.swap import Following, Loader, describe
 
 log = logging.getLogger(__name__)
 
 
-def loader(root: Path, cfg: ServeConfig) -> Loader:
+def loader(root: Path, cfg: ServeConfig, threads: int | None = None) -> Loader:
     """Build the engine of a registered version from its local copy, fetching it when
-    missing, and once more when the copy fails its checksum."""
+    missing, and once more when the copy fails its checksum. `threads`: ONNX Runtime's
+    intra-op threads (default serve.threads)."""
 
     def load(version: str, _model_dir: Path) -> Engine:
         def build(model_dir: Path) -> Engine:
             return Engine(
-                model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version
+                model_dir,
+                cfg.require_gpu,
+                cfg.max_batch_size,
+                cfg.threads if threads is None else threads,
+                version=version,
             )
 
         try:
@@ -76,3 +81,22 @@ def start(root: Path, stage: str, load: Loader) -> tuple[Engine, str, str | None
         f"cannot serve stage {stage}: {problem}; and no version that was in {stage} before "
         "loads from the local cache either"
     )
+
+
+def start_challenger(root: Path, stage: str, load: Loader) -> tuple[Engine | None, Following]:
+    """The challenger's engine (None when its stage's version cannot load yet: prod serves
+    regardless, and the watcher keeps trying) and what it follows."""
+    resolve = registry.stage_resolver(root, stage)
+    try:
+        version, model_dir = resolve()
+    except LmopsError as err:
+        log.error("challenger: %s; serving prod alone until %s names a version", err, stage)
+        return None, Following(resolve, load, stage, None, str(err))
+    try:
+        engine = load(version, model_dir)
+        engine.warm_up()
+    except Exception as err:
+        problem = f"{version} cannot be served: {describe(err)}"
+        log.error("challenger: %s; serving prod alone, retrying", problem)
+        return None, Following(resolve, load, stage, version, problem)
+    return engine, Following(resolve, load, stage, version, None)

@@ -35,9 +35,9 @@ MAX_BACKOFF_POLLS = 32
 
 
 class SwapEvents(Protocol):
-    """What the watcher reports (the app's Prometheus metrics)."""
+    """What the watcher reports (the app's Prometheus metrics; the challenger's figures)."""
 
-    def swapped(self, old: Engine, new: Engine) -> None: ...
+    def swapped(self, old: Engine | None, new: Engine) -> None: ...
 
     def swap_failed(self) -> None: ...
 
@@ -45,9 +45,9 @@ class SwapEvents(Protocol):
 
 
 class LiveModel:
-    """The engine answering now."""
+    """The engine answering now (a challenger's is None until its version first loads)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None) -> None:
         self.engine = engine
 
     def predict(self, texts: list[str]) -> list[Prediction]:
@@ -107,7 +107,7 @@ class StageWatcher:
 
     async def poll(self) -> None:
         """Ask the resolver once; load, warm up and switch to a new version it names."""
-        serving = self.live.engine.version
+        serving = self.live.engine.version if self.live.engine is not None else None
         try:
             answer = await asyncio.to_thread(self.resolve)
         except Exception as err:
@@ -150,7 +150,12 @@ class StageWatcher:
         old, self.live.engine = self.live.engine, engine
         self._failure, self.problem = None, None
         self.events.swapped(old, engine)
-        log.info("model swap: now serving %s (%s), was %s", version, engine.variant, old.version)
+        log.info(
+            "model swap: now serving %s (%s), was %s",
+            version,
+            engine.variant,
+            old.version if old is not None else "none",
+        )
 
     def _load_warm(self, version: str, model_dir: Path) -> Engine:
         engine = self.load(version, model_dir)

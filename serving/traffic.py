@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmops import pii
-from lmops.artifacts import TrafficRecord, traffic_file_name
+from lmops.artifacts import LogKind, ShadowRecord, TrafficRecord, traffic_file_name
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ _STOP = None
 
 
 class TrafficLog:
+    kind: LogKind = "traffic"
+
     def __init__(
         self,
         directory: Path,
@@ -77,10 +79,11 @@ class TrafficLog:
     ) -> None:
         """Queue one request's records; never blocks and never raises. The records are
         built and encoded by the writer thread, off the request's path."""
+        self._enqueue((datetime.now(UTC), request_id, texts, predictions, latency_ms))
+
+    def _enqueue(self, item: Any) -> None:
         try:
-            self._pending.put_nowait(
-                (datetime.now(UTC), request_id, texts, predictions, latency_ms)
-            )
+            self._pending.put_nowait(item)
         except queue.Full:
             self._failed("dropped", f"{MAX_PENDING:,} records already wait for the disk")
 
@@ -164,7 +167,7 @@ class TrafficLog:
     def _file(self, now: datetime) -> int:
         """The open file for this hour: reopened when the hour turns, when it grows past
         rotate_mb, and when it was unlinked (its folder deleted) under the server."""
-        hour = traffic_file_name(now)
+        hour = traffic_file_name(now, kind=self.kind)
         if self._fd is not None:
             stat = os.fstat(self._fd)
             if self._hour != hour or stat.st_size >= self.rotate_bytes or stat.st_nlink == 0:
@@ -178,10 +181,10 @@ class TrafficLog:
         return self._fd
 
     def _path(self, now: datetime) -> Path:
-        path, part = self.directory / traffic_file_name(now), 0
+        path, part = self.directory / traffic_file_name(now, kind=self.kind), 0
         while path.exists() and path.stat().st_size >= self.rotate_bytes:
             part += 1
-            path = self.directory / traffic_file_name(now, part)
+            path = self.directory / traffic_file_name(now, part, self.kind)
         return path
 
     def _close_file(self) -> None:
@@ -209,3 +212,20 @@ class TrafficLog:
             reason,
             ERROR_LOG_INTERVAL_S,
         )
+
+
+class ShadowLog(TrafficLog):
+    """`shadow-<UTC hour>.jsonl` beside the traffic log: the challenger's scores beside
+    prod's (lmops/artifacts.py ShadowRecord), written the same way, failing the same way."""
+
+    kind: LogKind = "shadow"
+
+    def __init__(self, directory: Path, rotate_mb: float, on_error: Callable[[str], None]) -> None:
+        super().__init__(directory, False, rotate_mb, on_error, redact_pii=False)
+
+    def append_records(self, records: list[ShadowRecord]) -> None:
+        """Queue one request's shadow records; never blocks and never raises."""
+        self._enqueue(records)
+
+    def _encoded(self, request: Any) -> bytes:
+        return ("\n".join(record.line() for record in request) + "\n").encode("utf-8")

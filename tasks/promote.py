@@ -2,7 +2,9 @@
 through their ONNX exports, as the server would run them, on the challenger's test split.
 
 Absolute gates (the challenger's own evaluation gates, its export's parity) apply always;
-the relative ones (accuracy, macro-F1, median latency against prod) when there is a prod.
+the relative ones (accuracy, macro-F1, median latency against prod) when there is a prod;
+the live ones (promotion.live) when the challenger waits in staging for evidence from a
+server that shadowed it beside prod (serving/challenger.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from lmops import registry
-from lmops.artifacts import ExportManifest, Metrics
-from lmops.config import PairedRuleConfig, ParityConfig, PromotionConfig
+from lmops.artifacts import ExportManifest, Metrics, shadow_records
+from lmops.config import LiveEvidenceConfig, PairedRuleConfig, ParityConfig, PromotionConfig
 from lmops.errors import LmopsError
 from lmops.stages import VALIDATED_DIR
 
@@ -244,6 +246,86 @@ def relative_gates(
     ]
 
 
+def live_evidence(
+    traffic_dir: Path, champion: str, challenger: str, confidence: float
+) -> dict[str, Any]:
+    """What the shadow saw of `challenger` beside `champion` (every shadow record of the
+    pair): texts, label agreement, each one's estimated accuracy (mean calibrated
+    confidence, CBPE) and the paired interval of their difference, median latencies."""
+    from lmops.stats import paired_mean_interval
+
+    records = shadow_records(traffic_dir, champion, challenger)
+    if not records:
+        return {"texts": 0, "agreement": None}
+    prod = np.array([r.prod_score for r in records])
+    mine = np.array([r.challenger_score for r in records])
+    difference, low, high = paired_mean_interval(mine - prod, confidence)
+    return {
+        "texts": len(records),
+        "agreement": round(
+            float(np.mean([r.prod_label == r.challenger_label for r in records])), 5
+        ),
+        "estimated_accuracy": {
+            "prod": round(float(prod.mean()), 5),
+            "challenger": round(float(mine.mean()), 5),
+        },
+        "paired": {
+            "difference": round(difference, 5),
+            "ci_low": round(low, 5),
+            "ci_high": round(high, 5),
+            "confidence": confidence,
+        },
+        "median_latency_ms": {
+            "prod": statistics.median(r.prod_latency_ms for r in records),
+            "challenger": statistics.median(r.challenger_latency_ms for r in records),
+        },
+        "since": records[0].timestamp.isoformat(timespec="seconds"),
+    }
+
+
+def live_gates(evidence: dict[str, Any], cfg: LiveEvidenceConfig) -> list[dict[str, Any]]:
+    """Enough shadowed texts, enough agreement with prod, and an estimated accuracy whose
+    paired interval reaches no further than the margin below prod's (non-inferiority: a
+    challenger as good as prod passes; one that is surely worse does not)."""
+    from lmops.stats import reading
+
+    texts, agreement = evidence["texts"], evidence["agreement"]
+    gates = [
+        _gate(
+            "live_shadow_texts",
+            texts >= cfg.min_texts,
+            f"{texts:,} texts shadowed beside prod",
+            f">= {cfg.min_texts:,} (promotion.live.min_texts)",
+            "" if texts else "serve it with `lmops serve --stage prod --challenger staging`",
+        ),
+        _gate(
+            "live_agreement",
+            agreement is not None and agreement >= cfg.min_agreement,
+            "none" if agreement is None else f"{agreement:.4f}",
+            f">= {cfg.min_agreement} (promotion.live.min_agreement)",
+        ),
+    ]
+    if not texts:
+        return [*gates, _gate("live_estimated_accuracy", False, "none", "shadowed texts")]
+    paired = evidence["paired"]
+    estimated = evidence["estimated_accuracy"]
+    paired = {**paired, "rule": "non_inferiority", "margin": cfg.estimated_accuracy_margin}
+    return [
+        *gates,
+        {
+            **_gate(
+                "live_estimated_accuracy",
+                paired["ci_low"] > -cfg.estimated_accuracy_margin,
+                f"{paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}] "
+                f"(challenger {estimated['challenger']:.4f}, prod {estimated['prod']:.4f})",
+                f"CI low > -{cfg.estimated_accuracy_margin} (non-inferiority)",
+                reading(paired["ci_low"], paired["ci_high"]),
+            ),
+            "paired": paired,
+        },
+    ]
+
+
 def cell(value: Any) -> str:
     """A markdown table cell: a `|` in the text (`|logit diff|`) would split the row."""
     return str(value).replace("|", "\\|")
@@ -286,9 +368,10 @@ def key_figures(
     version: str,
     gates: list[dict[str, Any]],
     evaluation: Metrics | None,
+    live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What the promotion record keeps: the figures, each paired comparison, and what the
-    version cost to train (its evaluation's total, reports/cost/)."""
+    """What the promotion record keeps: the figures, each paired comparison, what the
+    version cost to train (its evaluation's total, reports/cost/), and the live evidence."""
     figures = measured["models"][version]
     kept = {
         k: figures[k] for k in ("accuracy", "macro_f1", "p50_latency_ms", "cpu_ms_per_1k_texts")
@@ -305,4 +388,6 @@ def key_figures(
                 if "p_value_mcnemar" in gate["paired"]
                 else {}
             )
+    if live is not None:
+        kept["live_evidence"] = live
     return kept
