@@ -299,7 +299,9 @@ def assign(
     metrics: dict[str, Any] | None = None,
     force: bool = False,
 ) -> None:
-    """Point `stage` at `version`. A version reaches prod only after it has been in staging."""
+    """Point `stage` at `version`. A version reaches prod only after it has been in staging.
+    A version the stage held before (rolled back from, then earning it again) gets a new
+    assignment: GTO refuses that unless forced."""
     import gto.api
 
     if stage not in REGISTRY_STAGES:
@@ -319,7 +321,7 @@ def assign(
             stage,
             version=version,
             message=PromotionRecord(by=by, why=why, metrics=metrics or {}).message(),
-            force=force,
+            force=force or stage_version(root, stage) != version,
             author=name,
             author_email=email,
         )

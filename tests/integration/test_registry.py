@@ -295,6 +295,76 @@ def test_model_pages_show_every_version_offline(
         shutil.rmtree(drift, ignore_errors=True)
 
 
+def test_staging_earns_prod_with_live_evidence_from_the_shadow(
+    project: Path, env: dict, tmp_path: Path
+) -> None:
+    """With promotion.live.required, staging's version goes to prod only once a server has
+    shadowed it beside prod: `lmops serve --stage prod --challenger staging` gathers the
+    evidence, `lmops promote` reads it, and the promotion record keeps it."""
+    assert registry.stage_version(project, "prod") == "v0.0.1"
+    assert registry.stage_version(project, "staging") == "v0.0.2"
+    alone = lmops(project, env, "serve", "--challenger", "staging")
+    assert alone.returncode == 1 and "--challenger needs --stage" in alone.stderr
+    # The plumbing is under test here (tests/unit/test_challenger.py tests the rule): the
+    # tiny models disagree often, so agreement and margin are set out of their way.
+    live = {
+        "promotion.live.required": True,
+        "promotion.live.min_texts": 40,
+        "promotion.live.min_agreement": 0.0,
+        "promotion.live.estimated_accuracy_margin": 0.5,
+    }
+    apply_overrides(project, live)
+    # Staging moves back to v0.0.1 (it held it once), so that v0.0.2 comes up anew.
+    registry.assign(project, "v0.0.1", "staging", "user:tests", "to stage v0.0.2 again")
+    try:
+        staged = lmops(project, env, "promote", "v0.0.2")
+        assert staged.returncode == 0, staged.stderr
+        assert "v0.0.2 to staging: gates passed against v0.0.1; in staging until it has live" in (
+            staged.stdout
+        )
+        assert registry.stage_version(project, "staging") == "v0.0.2"
+        assert registry.stage_version(project, "prod") == "v0.0.1"
+
+        port = free_port()
+        command = [sys.executable, "-m", "lmops", "serve", "--stage", "prod"]
+        command += ["--challenger", "staging", "--port", str(port)]
+        server = start_server(command, project, port, tmp_path / "serve.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for n in range(25):
+                answer = httpx.post(
+                    f"{url}/v1/predict", json={"texts": ["质量很好", f"第{n}次买，太差了"]}
+                )
+                assert answer.status_code == 200 and answer.json()["version"] == "v0.0.1"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = httpx.get(f"{url}/v2/models/lmops").json()["parameters"]["challenger"]
+                if status["shadow"]["texts"] == 50:
+                    break
+                time.sleep(0.1)
+            assert status["version"] == "v0.0.2" and status["shadow"]["texts"] == 50
+        finally:
+            assert stop_server(server) in (0, -15)
+        assert "challenger v0.0.2 from staging (shadow 100%)" in (tmp_path / "serve.log").read_text(
+            "utf-8"
+        )
+
+        promoted = lmops(project, env, "promote", "v0.0.2")
+        assert promoted.returncode == 0, promoted.stderr
+        assert "promoted v0.0.2 to prod (via staging)" in promoted.stdout
+        assert "| live_shadow_texts | pass | 50 texts shadowed beside prod |" in promoted.stdout
+        assert "| live_estimated_accuracy | pass |" in promoted.stdout
+        assert registry.stage_version(project, "prod") == "v0.0.2"
+        record = [e for e in registry.history(project) if e["stage"] == "prod"][-1]
+        evidence = record["metrics"]["live_evidence"]
+        assert evidence["texts"] == 50
+        assert evidence["agreement"] == pytest.approx(status["shadow"]["agreement"], abs=1e-4)
+    finally:
+        git(project, "checkout", "--", "params.yaml")
+        back = lmops(project, env, "rollback")
+        assert back.returncode == 0 and registry.stage_version(project, "prod") == "v0.0.1"
+
+
 def _damage(version_dir: Path, cache: Path | None = None) -> None:
     """Flip bytes in the middle of every ONNX file of a local copy (and, given the DVC
     cache, in the cache objects they came from)."""
