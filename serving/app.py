@@ -398,6 +398,7 @@ def create_app(
                 on_error=lambda kind: metrics.traffic_log_errors.labels(kind).inc(),
             ),
             ChallengerMetrics(metrics.registry),
+            prod_busy=batcher.busy,
         )
         challenger_watcher = StageWatcher(
             challenger.live,

@@ -164,14 +164,15 @@ class MicroBatcher:
             if not request.future.done():
                 request.future.set_exception(err)
 
+    def busy(self) -> bool:
+        """A batch is running or a request waits (read from any thread: a snapshot)."""
+        return self._busy or self._carry is not None or not self.queue.empty()
+
     async def drain(self, timeout: float = 30) -> None:
         """Let queued requests finish (graceful shutdown), then stop the worker."""
         deadline = time.perf_counter() + timeout
 
-        def pending() -> bool:
-            return not self.queue.empty() or self._carry is not None or self._busy
-
-        while pending() and time.perf_counter() < deadline:
+        while self.busy() and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # callers whose answers just arrived resume
         if self._worker is not None:

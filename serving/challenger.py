@@ -3,10 +3,13 @@ canary, so that a new version proves itself on live traffic before it takes over
 
 Shadow: once prod has answered a request, a share of requests (serve.shadow.share) is
 queued for the challenger, which scores it on one thread of its own at the lowest CPU
-priority; the answer never waits for it, and a full queue skips the work (counted), so a
-slow or broken challenger cannot slow or fail a prod answer. Agreement, latency and the
-estimated accuracy of both (mean calibrated confidence, CBPE) go to `/metrics` and to
-`<traffic dir>/shadow-*.jsonl`, which `lmops promote` reads for its live gates.
+priority, and only once prod has nothing to do. The answer never waits for it; work that
+waits too long for prod to be idle, or finds the queue full, is skipped (counted). So a
+slow or broken challenger cannot fail a prod answer, and it takes the cores prod leaves
+idle (what it still costs prod is measured in reports/bench/shadow.json). Agreement,
+latency and the estimated accuracy of both (mean calibrated confidence, CBPE) go to
+`/metrics` and to `<traffic dir>/shadow-*.jsonl`, which `lmops promote` reads for its
+live gates.
 
 Canary: serve.canary.share of requests are answered by the challenger, each answer naming
 its model version. A challenger answer that fails is answered by prod instead. The judge
@@ -29,22 +32,26 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lmops.artifacts import ShadowRecord
 from lmops.config import CanaryConfig, ServeConfig
 from lmops.engine import Engine, Prediction
 from lmops.serving.swap import LiveModel
-from lmops.serving.traffic import ShadowLog
+from lmops.serving.traffic import ShadowedRequest, ShadowLog
 
 log = logging.getLogger(__name__)
 
 # The lowest scheduling priority (nice 19) for the shadow thread: prod's threads come first.
 SHADOW_NICENESS = 19
+# Shadow work waits for prod to be idle at most this long, then is skipped (stale by then).
+SHADOW_MAX_WAIT_S = 5.0
+# How often it looks: each look takes the GIL, which prod's event loop needs.
+SHADOW_POLL_S = 0.001
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -112,8 +119,9 @@ class ChallengerMetrics:
         )
         self.shadow_requests = Counter(
             "lmops_shadow_requests",
-            "Requests prod answered, by what the shadow did with them (scored; skipped: its "
-            "queue was full; failed: the challenger raised; idle: it serves prod's version)",
+            "Requests prod answered, by what the shadow did with them (scored; skipped: prod "
+            "stayed busy or the shadow's queue was full; failed: the challenger raised; idle: it "
+            "serves prod's version)",
             ["result"],
             registry=registry,
         )
@@ -167,6 +175,14 @@ class ChallengerMetrics:
         )
 
 
+def lowest_priority() -> None:
+    """Put the calling thread at the lowest niceness (Linux: per thread). Measured against
+    SCHED_IDLE and no change (reports/bench/shadow.json): SCHED_IDLE slowed prod more, since
+    a starved thread holding the GIL stalls the event loop."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+
+
 class Challenger:
     """The challenger engine (following its stage), its shadow worker and its canary."""
 
@@ -178,10 +194,12 @@ class Challenger:
         prod: LiveModel,
         shadow_log: ShadowLog,
         metrics: ChallengerMetrics,
+        prod_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         """`live.engine` may be None: the stage's version could not load yet (the watcher
-        keeps trying)."""
+        keeps trying). `prod_busy`: whether prod is computing or has requests waiting."""
         self.live, self.stage, self.cfg, self.prod = live, stage, cfg, prod
+        self.prod_busy = prod_busy
         self.shadow_log, self.metrics = shadow_log, metrics
         self.judge = CanaryJudge(cfg.canary)
         self._pending: queue.Queue[Any] = queue.Queue(maxsize=cfg.shadow.max_pending)
@@ -271,19 +289,30 @@ class Challenger:
             self.metrics.shadow_requests.labels("skipped").inc()
 
     def _shadow_loop(self) -> None:
-        with contextlib.suppress(OSError):  # Linux: a thread's own niceness
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+        lowest_priority()
         while True:
             item = self._pending.get()
             try:
                 if item is None:
                     return
+                if not self._wait_for_idle_prod():
+                    self.metrics.shadow_requests.labels("skipped").inc()
+                    continue
                 self._score(*item)
             except Exception as err:  # the worker must outlive any challenger fault
                 self.metrics.shadow_requests.labels("failed").inc()
                 log.warning("shadow: %s failed on a request: %r", self.version, err)
             finally:
                 self._pending.task_done()
+
+    def _wait_for_idle_prod(self) -> bool:
+        """Wait for a moment prod has nothing to do; False after SHADOW_MAX_WAIT_S."""
+        deadline = time.monotonic() + SHADOW_MAX_WAIT_S
+        while self.prod_busy():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(SHADOW_POLL_S)
+        return True
 
     def _score(
         self, request_id: str, texts: list[str], answers: list[Prediction], latency_ms: float
@@ -293,35 +322,30 @@ class Challenger:
             self.metrics.shadow_requests.labels("idle").inc()
             return
         started = time.perf_counter()
-        challenged = engine.predict(texts)
+        probabilities = engine.probabilities(texts)
         challenger_ms = (time.perf_counter() - started) * 1000
-        now = datetime.now(UTC)
-        records = [
-            ShadowRecord(
-                timestamp=now,
-                request_id=request_id,
-                index=index,
-                prod_version=answer.model_version,
-                prod_label=answer.label,
-                prod_score=round(answer.score, 6),
-                prod_latency_ms=round(latency_ms, 3),
-                challenger_version=engine.version,
-                challenger_label=mine.label,
-                challenger_score=round(mine.score, 6),
-                challenger_latency_ms=round(challenger_ms, 3),
+        self.shadow_log.append_shadowed(
+            ShadowedRequest(
+                datetime.now(UTC),
+                request_id,
+                answers,
+                latency_ms,
+                engine.version,
+                engine.labels,
+                probabilities,
+                challenger_ms,
             )
-            for index, (answer, mine) in enumerate(zip(answers, challenged, strict=True))
-        ]
-        self.shadow_log.append_records(records)
-        agreed = sum(r.prod_label == r.challenger_label for r in records)
-        self.texts += len(records)
+        )
+        picked = probabilities.argmax(axis=1)
+        agreed = sum(engine.labels[i] == a.label for i, a in zip(picked, answers, strict=True))
+        self.texts += len(answers)
         self.agreed += agreed
-        self.confidence_sums["prod"] += sum(r.prod_score for r in records)
-        self.confidence_sums["challenger"] += sum(r.challenger_score for r in records)
+        self.confidence_sums["prod"] += sum(a.score for a in answers)
+        self.confidence_sums["challenger"] += float(probabilities.max(axis=1).sum())
         metrics = self.metrics
         metrics.shadow_requests.labels("scored").inc()
         metrics.shadow_texts.labels("agree").inc(agreed)
-        metrics.shadow_texts.labels("disagree").inc(len(records) - agreed)
+        metrics.shadow_texts.labels("disagree").inc(len(answers) - agreed)
         metrics.shadow_latency.labels("prod").observe(latency_ms / 1000)
         metrics.shadow_latency.labels("challenger").observe(challenger_ms / 1000)
         metrics.agreement.set(self.agreed / self.texts)

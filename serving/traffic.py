@@ -23,9 +23,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmops import pii
 from lmops.artifacts import LogKind, ShadowRecord, TrafficRecord, traffic_file_name
@@ -214,6 +217,42 @@ class TrafficLog:
         )
 
 
+@dataclass
+class ShadowedRequest:
+    """One request prod answered and the challenger scored, as the shadow hands it over:
+    the records are built by the log's writer thread, so that the shadow thread holds the
+    GIL as briefly as it can (the event loop needs it)."""
+
+    timestamp: datetime
+    request_id: str
+    answers: list[Any]  # prod's Predictions
+    latency_ms: float
+    challenger_version: str
+    challenger_labels: list[str]
+    probabilities: np.ndarray
+    challenger_ms: float
+
+    def records(self) -> list[ShadowRecord]:
+        return [
+            ShadowRecord(
+                timestamp=self.timestamp,
+                request_id=self.request_id,
+                index=index,
+                prod_version=answer.model_version,
+                prod_label=answer.label,
+                prod_score=round(answer.score, 6),
+                prod_latency_ms=round(self.latency_ms, 3),
+                challenger_version=self.challenger_version,
+                challenger_label=self.challenger_labels[int(row.argmax())],
+                challenger_score=round(float(row.max()), 6),
+                challenger_latency_ms=round(self.challenger_ms, 3),
+            )
+            for index, (answer, row) in enumerate(
+                zip(self.answers, self.probabilities, strict=True)
+            )
+        ]
+
+
 class ShadowLog(TrafficLog):
     """`shadow-<UTC hour>.jsonl` beside the traffic log: the challenger's scores beside
     prod's (lmops/artifacts.py ShadowRecord), written the same way, failing the same way."""
@@ -223,9 +262,9 @@ class ShadowLog(TrafficLog):
     def __init__(self, directory: Path, rotate_mb: float, on_error: Callable[[str], None]) -> None:
         super().__init__(directory, False, rotate_mb, on_error, redact_pii=False)
 
-    def append_records(self, records: list[ShadowRecord]) -> None:
-        """Queue one request's shadow records; never blocks and never raises."""
-        self._enqueue(records)
+    def append_shadowed(self, request: ShadowedRequest) -> None:
+        """Queue one shadowed request; never blocks and never raises."""
+        self._enqueue(request)
 
     def _encoded(self, request: Any) -> bytes:
-        return ("\n".join(record.line() for record in request) + "\n").encode("utf-8")
+        return ("\n".join(record.line() for record in request.records()) + "\n").encode("utf-8")
