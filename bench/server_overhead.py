@@ -23,16 +23,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pandas as pd
 import yaml
 
-from bench.serving import load
+from bench.serving import load, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
@@ -113,12 +111,7 @@ def serve_and_load(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(url)
         return {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
     finally:
         server.terminate()

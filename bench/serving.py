@@ -173,6 +173,20 @@ def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) 
     }
 
 
+def wait_ready(url: str, seconds: float = 60) -> None:
+    """Until the server at `url` says it is ready (a bench's server is starting)."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the server at {url} was not ready within {seconds:g} s")
+
+
 async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
     """Single-text requests from `clients` concurrent async clients. aiohttp, not httpx: the
     load generator shares the machine's two cores with the server, so it must be light."""
@@ -263,7 +277,6 @@ def http(
     batching: bool,
     protocol_only: bool = False,
 ) -> dict[str, Any]:
-    import httpx
     import yaml
 
     from lmops.config import override, read_raw
@@ -292,12 +305,7 @@ def http(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            wait_ready(url)
             if protocol_only:
                 return protocol(url, texts, seconds)
             loads = {

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import httpx
 import pandas as pd
 import yaml
 
-from bench.serving import load
+from bench.serving import load, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
@@ -80,12 +79,7 @@ def measure(root: Path, model_dir: Path, texts: list[str], shadow: bool, seconds
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(url)
         figures: dict[str, Any] = {}
         for n in CONCURRENCY:
             before = shadow_counts(url)
