@@ -125,3 +125,42 @@ def test_no_shadow_evidence_fails_every_live_gate_and_says_how_to_get_it(tmp_pat
 def test_paired_mean_interval_of_one_text_is_unbounded() -> None:
     mean, low, high = paired_mean_interval(np.array([0.1]), 0.95)
     assert mean == 0.1 and low == -math.inf and high == math.inf
+
+
+def test_a_shadow_log_that_cannot_be_written_is_counted_and_recovers(tmp_path: Path) -> None:
+    """The shadow log fails as the traffic log does: a folder that is a file is counted,
+    never raised, and writing resumes once the folder can be made."""
+    from lmops.engine import Prediction
+    from lmops.serving.traffic import ShadowedRequest, ShadowLog
+
+    folder = tmp_path / "traffic"
+    folder.write_text("not a folder", "utf-8")
+    errors: list[str] = []
+    log = ShadowLog(folder, rotate_mb=1, on_error=errors.append)
+    answer = Prediction("positive", 0.9, {"negative": 0.1, "positive": 0.9}, "v1")
+    shadowed = ShadowedRequest(
+        datetime.now(UTC),
+        "r0",
+        [answer],
+        3.0,
+        "v2",
+        ["negative", "positive"],
+        np.array([[0.7, 0.3]]),
+        1.5,
+    )
+    log.append_shadowed(shadowed)
+    log.flush()
+    assert errors == ["write"] and log.degraded is not None
+
+    folder.unlink()
+    log.append_shadowed(shadowed)
+    log.flush()
+    log.close()
+    assert log.degraded is None
+    (path,) = traffic_files(folder, kind="shadow")
+    (record,) = [ShadowRecord.from_line(line) for line in path.read_text("utf-8").splitlines()]
+    assert (record.prod_label, record.challenger_label, record.challenger_score) == (
+        "positive",
+        "negative",
+        0.7,
+    )
