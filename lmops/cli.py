@@ -237,15 +237,36 @@ def _served(root: Path, url: str) -> None:
         typer.echo(f"server {url}: serves {served} (serve.model_dir; it follows no stage)")
         return
     stage, wanted = following["stage"], following["version"]
-    if following["in_sync"] and stages.get(stage) in (None, served):
+    in_sync = following["in_sync"] and stages.get(stage) in (None, served)
+    if in_sync:
         typer.echo(f"server {url}: serves {served}, the version {stage} names: in sync")
-        return
-    why = following["problem"] or "its next poll has not seen the registry's change yet"
-    typer.echo(
-        f"server {url}: serves {served}, but {stage} names {stages.get(stage) or wanted}: "
-        f"OUT OF SYNC ({why})"
-    )
-    raise typer.Exit(1)
+    else:
+        why = following["problem"] or "its next poll has not seen the registry's change yet"
+        typer.echo(
+            f"server {url}: serves {served}, but {stage} names {stages.get(stage) or wanted}: "
+            f"OUT OF SYNC ({why})"
+        )
+    if (challenger := metadata["parameters"].get("challenger")) is not None:
+        typer.echo(_challenger_line(challenger))
+    if not in_sync:
+        raise typer.Exit(1)
+
+
+def _challenger_line(status: dict[str, Any]) -> str:
+    """What the server's challenger (`--challenger`) has seen, in one line."""
+    shadow, canary = status["shadow"], status["canary"]
+    line = f"challenger from {status['stage']}: {status['version'] or 'NOT LOADED'}"
+    if shadow["texts"]:
+        estimated = shadow["estimated_accuracy"]
+        line += (
+            f"; shadow {shadow['texts']:,} texts, agreement {shadow['agreement']:.3f}, "
+            f"estimated accuracy {estimated['challenger']:.3f} vs prod {estimated['prod']:.3f}"
+        )
+    if canary["share"]:
+        line += f"; canary {canary['share']:.0%}" + (
+            f" SWITCHED OFF: {canary['switched_off']}" if canary["switched_off"] else " on"
+        )
+    return line
 
 
 def _promotion_verdict(promoted: dict[str, Any]) -> str:

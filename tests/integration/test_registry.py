@@ -343,6 +343,9 @@ def test_staging_earns_prod_with_live_evidence_from_the_shadow(
                     break
                 time.sleep(0.1)
             assert status["version"] == "v0.0.2" and status["shadow"]["texts"] == 50
+            shown = lmops(project, env, "models", "--url", url)
+            assert shown.returncode == 0, shown.stderr
+            assert "challenger from staging: v0.0.2; shadow 50 texts, agreement " in shown.stdout
         finally:
             assert stop_server(server) in (0, -15)
         assert "challenger v0.0.2 from staging (shadow 100%)" in (tmp_path / "serve.log").read_text(
