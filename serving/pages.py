@@ -276,6 +276,16 @@ def _promotion_figures(events: list[dict[str, Any]]) -> str:
                 + (f", {energy * 1000:,.2f} Wh (estimate)" if energy is not None else ""),
             )
         )
+    if (live := figures.get("live_evidence")) and live.get("texts"):
+        estimated = live["estimated_accuracy"]
+        rows.append(
+            (
+                "live evidence (shadowed beside prod)",
+                f"{live['texts']:,} texts since {live['since'].replace('T', ' ')} UTC, "
+                f"agreement {live['agreement']:.3f}, estimated accuracy "
+                f"{estimated['challenger']:.4f} vs prod {estimated['prod']:.4f}",
+            )
+        )
     rows += [
         (
             f"{name.replace('_', ' ')}",

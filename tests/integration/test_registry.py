@@ -19,6 +19,7 @@ import pytest
 from lmops import registry
 from lmops.config import apply_overrides, load_params
 from lmops.errors import LmopsError
+from lmops.serving.pages import model_page
 from lmops.workspace import LOCK_FILE
 from tests.conftest import (
     free_port,
@@ -362,6 +363,9 @@ def test_staging_earns_prod_with_live_evidence_from_the_shadow(
         evidence = record["metrics"]["live_evidence"]
         assert evidence["texts"] == 50
         assert evidence["agreement"] == pytest.approx(status["shadow"]["agreement"], abs=1e-4)
+        page = model_page("lmops", registry.version_page(project, "v0.0.2"), "v0.0.2", None, None)
+        assert "live evidence (shadowed beside prod)</th><td>50 texts since " in page
+        assert "live estimated accuracy</th><td>" in page  # the paired interval's row
     finally:
         git(project, "checkout", "--", "params.yaml")
         back = lmops(project, env, "rollback")
