@@ -707,6 +707,13 @@ class DriftRows(_Artifact):
     current_sampled: int | None = None
 
 
+class RealizedAccuracy(_Artifact):
+    """One model version's served answers on the window's labelled texts."""
+
+    labelled_rows: int
+    accuracy: float
+
+
 class PerformanceEstimate(_Artifact):
     """Accuracy estimated without labels (CBPE, lmops.stats.estimated_accuracy) on the
     window, beside the reference: its accuracy measured with labels, and estimated the
@@ -726,6 +733,8 @@ class PerformanceEstimate(_Artifact):
     # the served answers' accuracy on them.
     labelled_rows: int = 0
     realized_accuracy: float | None = None
+    # The same per model version, when more than one answered (a canary beside prod).
+    realized_by_version: dict[str, RealizedAccuracy] | None = None
 
     def line(self) -> str:
         realized = (
@@ -733,6 +742,15 @@ class PerformanceEstimate(_Artifact):
             if self.realized_accuracy is not None
             else ""
         )
+        if self.realized_by_version:
+            realized += (
+                " ("
+                + ", ".join(
+                    f"{version} {r.accuracy:.4f} on {r.labelled_rows:,}"
+                    for version, r in sorted(self.realized_by_version.items())
+                )
+                + ")"
+            )
         return (
             f"estimated accuracy {self.estimated_accuracy:.4f} ({self.confidence:.0%} CI "
             f"[{self.ci_low:.4f}, {self.ci_high:.4f}]) against "

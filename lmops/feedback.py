@@ -207,3 +207,19 @@ def realized(
             total += 1
             right += given[rid][k] == label
     return total, (right / total if total else None)
+
+
+def realized_by_version(
+    request_ids: list[str | None],
+    predicted: list[str],
+    versions: list[str],
+    given: dict[str, list[str]],
+) -> dict[str, tuple[int, float | None]]:
+    """`realized` per model version that answered (a canary beside prod): a request is
+    answered by one version, so each version's rows keep its requests' text order."""
+    by_version: dict[str, tuple[list[str | None], list[str]]] = {}
+    for rid, label, version in zip(request_ids, predicted, versions, strict=True):
+        ids, labels = by_version.setdefault(version, ([], []))
+        ids.append(rid)
+        labels.append(label)
+    return {v: realized(ids, labels, given) for v, (ids, labels) in by_version.items()}

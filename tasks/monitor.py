@@ -160,7 +160,7 @@ def read_traffic(path: Path, window: MonitorWindowConfig, now: datetime) -> Traf
     return result
 
 
-def _realized(window: TrafficWindow, traffic: Path) -> dict[str, Any]:
+def realized_accuracy(window: TrafficWindow, traffic: Path) -> dict[str, Any]:
     """The served answers' accuracy on the part of the window whose true labels arrived
     (lmops/feedback.py), beside the estimate."""
     from lmops import feedback
@@ -168,9 +168,19 @@ def _realized(window: TrafficWindow, traffic: Path) -> dict[str, Any]:
     folder = traffic if traffic.is_dir() else traffic.parent
     given = feedback.labels_by_request(folder)
     rows, accuracy = feedback.realized(window.request_ids, window.served_labels, given)
-    return {"labelled_rows": rows} | (
-        {} if accuracy is None else {"realized_accuracy": round(accuracy, 5)}
-    )
+    figures: dict[str, Any] = {"labelled_rows": rows}
+    if accuracy is not None:
+        figures["realized_accuracy"] = round(accuracy, 5)
+    if len(set(window.versions)) > 1:  # a canary answered some of the window
+        per_version = feedback.realized_by_version(
+            window.request_ids, window.served_labels, window.versions, given
+        )
+        figures["realized_by_version"] = {
+            version: {"labelled_rows": n, "accuracy": round(acc, 5)}
+            for version, (n, acc) in per_version.items()
+            if acc is not None
+        }
+    return figures
 
 
 def _reference(validated_dir: Path, splits: list[str]) -> tuple[list[str], list[str]]:
@@ -489,7 +499,7 @@ def run(
         [reference_labels[i] for i in reference_rows],
         current,
         len(window.texts),
-    ) | _realized(window, traffic)
+    ) | realized_accuracy(window, traffic)
     traffic_window = summary["traffic"]
     snapshot = _report(
         cfg,

@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from lmops import feedback
 from lmops.artifacts import ShadowRecord, TrafficRecord, traffic_files
-from lmops.config import apply_overrides
+from lmops.config import MonitorWindowConfig, apply_overrides
+from lmops.tasks.monitor import read_traffic, realized_accuracy
 from tests.conftest import REPO_ROOT, free_port, start_server, stop_server
 
 # The server as `lmops serve --stage prod --challenger staging` builds it, with resolvers
@@ -128,8 +132,6 @@ def _ask(url: str, batches: list[list[str]]) -> list[httpx.Response]:
 
 def _challenger_status(url: str, texts: int, timeout: float = 30) -> dict[str, Any]:
     """The challenger's status once the shadow has scored `texts` texts."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         status = httpx.get(f"{url}/v2/models/lmops").json()["parameters"]["challenger"]
@@ -186,7 +188,9 @@ def test_the_shadow_scores_prod_requests_and_logs_both_models(
 
 
 def test_a_canary_answers_its_share_and_names_its_version(
-    tiny_export: Callable[[int], Path], serve_pair: Callable[..., tuple[str, Path]]
+    tiny_export: Callable[[int], Path],
+    serve_pair: Callable[..., tuple[str, Path]],
+    tmp_path: Path,
 ) -> None:
     url, _ = serve_pair(
         tiny_export(0),
@@ -210,6 +214,27 @@ def test_a_canary_answers_its_share_and_names_its_version(
     status = _challenger_status(url, versions.count("v1"))
     assert status["shadow"]["texts"] == versions.count("v1")
     assert status["canary"] == {"share": 0.5, "enabled": True, "switched_off": None}
+
+    # Delayed labels, through the real endpoint: the served label for even requests, the
+    # other one for odd ones. The monitor's realized accuracy then splits by version.
+    folder = tmp_path / "data" / "traffic"
+    deadline = time.monotonic() + 10  # the log is written by its own thread
+    while not feedback.find_requests(folder, {"r59"}):
+        assert time.monotonic() < deadline, "the traffic log never got the requests"
+        time.sleep(0.1)
+    expected: dict[str, list[bool]] = {"v1": [], "v2": []}
+    for n, answer in enumerate(answers):
+        (prediction,) = answer.json()["predictions"]
+        other = next(label for label in prediction["probabilities"] if label != prediction["label"])
+        given = prediction["label"] if n % 2 == 0 else other
+        stored = httpx.post(f"{url}/v1/feedback", json={"request_id": f"r{n}", "labels": [given]})
+        assert stored.status_code == 200, stored.text
+        expected[versions[n]].append(n % 2 == 0)
+    window = read_traffic(folder, MonitorWindowConfig(hours=None, max_rows=None), datetime.now(UTC))
+    by_version = realized_accuracy(window, folder)["realized_by_version"]
+    for version, right in expected.items():
+        assert by_version[version]["labelled_rows"] == len(right)
+        assert by_version[version]["accuracy"] == pytest.approx(sum(right) / len(right), abs=1e-5)
 
 
 def test_a_failing_challenger_never_fails_a_caller_and_the_canary_switches_itself_off(

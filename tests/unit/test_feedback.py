@@ -36,6 +36,18 @@ def test_realized_accuracy_matches_each_text_to_its_label() -> None:
     assert feedback.realized(ids, served, {}) == (0, None)
 
 
+def test_realized_accuracy_per_version_of_a_canary_window() -> None:
+    # prod answered a (2 texts) and b; the canary answered c (2 texts).
+    ids = ["a", "c", "a", "b", "c"]
+    served = ["positive", "negative", "negative", "negative", "negative"]
+    versions = ["v1", "v2", "v1", "v1", "v2"]
+    given = {"a": ["positive", "positive"], "b": ["negative"], "c": ["negative", "positive"]}
+    assert feedback.realized_by_version(ids, served, versions, given) == {
+        "v1": (3, 2 / 3),
+        "v2": (2, 1 / 2),
+    }
+
+
 def test_the_newest_feedback_for_an_id_wins_and_a_torn_line_is_skipped(tmp_path: Path) -> None:
     _log(tmp_path, datetime.now(UTC), [("a", "t", "positive")])
     for labels in (["negative"], ["positive"]):
