@@ -383,7 +383,7 @@ def serve(
         threads = cfg.threads if cfg.canary.share > 0 else 1
         challenger_load = stage_serving.loader(root, cfg, threads)
         challenger_engine, challenger_follow = stage_serving.start_challenger(
-            root, challenger, challenger_load
+            stage_resolver(root, challenger), challenger, challenger_load
         )
     following = "" if stage is None else f", following stage {stage}"
     if follow is not None and follow.problem:

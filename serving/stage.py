@@ -17,7 +17,7 @@ from lmops import registry
 from lmops.config import ServeConfig
 from lmops.engine import CorruptModel, Engine
 from lmops.errors import LmopsError
-from lmops.serving.swap import Following, Loader, describe
+from lmops.serving.swap import Following, Loader, Resolver, describe
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,11 @@ def start(root: Path, stage: str, load: Loader) -> tuple[Engine, str, str | None
     )
 
 
-def start_challenger(root: Path, stage: str, load: Loader) -> tuple[Engine | None, Following]:
-    """The challenger's engine (None when its stage's version cannot load yet: prod serves
-    regardless, and the watcher keeps trying) and what it follows."""
-    resolve = registry.stage_resolver(root, stage)
+def start_challenger(
+    resolve: Resolver, stage: str, load: Loader
+) -> tuple[Engine | None, Following]:
+    """The challenger's engine (None when the version `resolve` names cannot load yet:
+    prod serves regardless, and the watcher keeps trying) and what it follows."""
     try:
         version, model_dir = resolve()
     except LmopsError as err:

@@ -36,6 +36,7 @@ import uvicorn
 from lmops.config import load_params
 from lmops.engine import Engine
 from lmops.serving.app import create_app
+from lmops.serving.stage import start_challenger
 from lmops.serving.swap import Following
 
 root, port = Path(sys.argv[1]), int(sys.argv[2])
@@ -56,13 +57,10 @@ def load(version, model_dir):
     return Engine(model_dir, cfg.require_gpu, cfg.max_batch_size, cfg.threads, version=version)
 
 
-prod, challenger = resolver("prod.json"), resolver("staging.json")
+prod = resolver("prod.json")
 engine = load(*prod())
-candidate = load(*challenger())
-candidate.warm_up()
-app = create_app(
-    cfg, engine, root, Following(prod), None, Following(challenger, load, "staging"), candidate
-)
+candidate, follow = start_challenger(resolver("staging.json"), "staging", load)
+app = create_app(cfg, engine, root, Following(prod), None, follow, candidate)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)
 """
 
@@ -271,3 +269,31 @@ def test_a_failing_challenger_never_fails_a_caller_and_the_canary_switches_itsel
         httpx.get(f"{url}/metrics").text, 'lmops_shadow_requests_total{result="failed"}'
     )
     assert failed >= 10
+
+
+def test_a_challenger_that_cannot_load_leaves_prod_serving_until_it_can(
+    tiny_export: Callable[[int], Path],
+    serve_pair: Callable[..., tuple[str, Path]],
+    tmp_path: Path,
+) -> None:
+    """Staging names a damaged export: prod serves alone (nothing shadowed, nothing
+    failed); once staging names a good one, the watcher loads it and the shadow begins."""
+    import shutil
+
+    damaged = shutil.copytree(tiny_export(1), tmp_path / "damaged")
+    for model in damaged.glob("*.onnx"):
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    url, log = serve_pair(tiny_export(0), damaged, **{"serve.poll_seconds": 0.3})
+    answers = _ask(url, [[text] for text in SHORT])
+    assert {a.status_code for a in answers} == {200}
+    status = httpx.get(f"{url}/v2/models/lmops").json()["parameters"]["challenger"]
+    assert status["version"] is None and status["active"] is False
+    assert "challenger: v2 cannot be served" in log.read_text("utf-8")
+
+    _point(tmp_path, "staging.json", "v2", tiny_export(1))
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/v2/models/lmops").json()["parameters"]["challenger"]["version"] != "v2":
+        assert time.monotonic() < deadline, "the challenger never loaded"
+        time.sleep(0.1)
+    _ask(url, [[text] for text in SHORT])
+    assert _challenger_status(url, len(SHORT))["shadow"]["texts"] == len(SHORT)
