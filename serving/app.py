@@ -407,6 +407,7 @@ def create_app(
             challenger,
             wanted=challenger_follow.wanted,
             problem=challenger_follow.problem,
+            role="challenger",
         )
         canary_batcher = MicroBatcher(
             challenger.live.predict, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue

@@ -90,10 +90,13 @@ class StageWatcher:
         events: SwapEvents,
         wanted: str | None = None,
         problem: str | None = None,
+        role: str = "model",
     ) -> None:
         """`wanted`, `problem`: the version the resolver named at start, and why another
-        one serves (None: it is the one serving)."""
+        one serves (None: it is the one serving). `role` names it in the log ("model",
+        "challenger")."""
         self.live, self.resolve, self.load, self.events = live, resolve, load, events
+        self.role = role
         self._failure: _Failure | None = None
         # The version the resolver last named, and why another one serves (None: in sync).
         self.wanted = wanted
@@ -113,7 +116,8 @@ class StageWatcher:
         except Exception as err:
             self.events.resolve_failed()
             log.warning(
-                "model watch: cannot tell which version to serve (%s); still serving %s",
+                "%s watch: cannot tell which version to serve (%s); still serving %s",
+                self.role,
                 describe(err),
                 serving,
                 exc_info=not isinstance(err, LmopsError),
@@ -138,8 +142,9 @@ class StageWatcher:
             self.problem = f"{version} cannot be served: {describe(err)}"
             self.events.swap_failed()
             log.warning(
-                "model swap to %s (%s) failed, still serving %s: %s (next try in %d polls "
+                "%s swap to %s (%s) failed, still serving %s: %s (next try in %d polls "
                 "unless the version to serve changes)",
+                self.role,
                 version,
                 model_dir,
                 serving,
@@ -151,7 +156,8 @@ class StageWatcher:
         self._failure, self.problem = None, None
         self.events.swapped(old, engine)
         log.info(
-            "model swap: now serving %s (%s), was %s",
+            "%s swap: now serving %s (%s), was %s",
+            self.role,
             version,
             engine.variant,
             old.version if old is not None else "none",

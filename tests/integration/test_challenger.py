@@ -297,3 +297,4 @@ def test_a_challenger_that_cannot_load_leaves_prod_serving_until_it_can(
         time.sleep(0.1)
     _ask(url, [[text] for text in SHORT])
     assert _challenger_status(url, len(SHORT))["shadow"]["texts"] == len(SHORT)
+    assert "challenger swap: now serving v2 (" in log.read_text("utf-8")
