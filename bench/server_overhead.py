@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
-from bench.serving import load, wait_ready
+from bench.serving import load, side_by_side, wait_ready, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
@@ -160,34 +156,17 @@ def main() -> None:
                 capture_output=True,
             )
 
-    def median(side: str, clients: str, key: str) -> float:
-        return statistics.median(r[clients][key] for r in rounds[side])
-
-    summary = {}
-    for n in CONCURRENCY:
-        clients = f"clients_{n}"
-        row = {}
-        for key in ("texts_per_s", "p50_ms", "p99_ms"):
-            row[f"before_{key}"] = median("before", clients, key)
-            row[f"after_{key}"] = median("after", clients, key)
-            row[f"after_vs_before_{key}"] = round(row[f"after_{key}"] / row[f"before_{key}"], 3)
-        summary[clients] = row
-    result = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+    summary = side_by_side(rounds, "before", "after", CONCURRENCY)
+    facts = {
         "before_rev": subprocess.run(
             ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
         "after": "working tree",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "model": "tiny profile" if args.model_dir is None else str(args.model_dir),
         "seconds_per_load": args.seconds,
         "rounds": args.rounds,
-        "summary": summary,
-        "runs": rounds,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
-    print(json.dumps(summary, indent=2))
+    write_result(args.out, facts, summary, rounds)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,37 @@ def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) 
     }
 
 
+def side_by_side(
+    rounds: dict[str, list[dict]], base: str, other: str, concurrency: tuple[int, ...]
+) -> dict[str, dict[str, Any]]:
+    """Per concurrency, each side's median texts/s, p50 and p99 over its rounds, and the
+    ratio other/base of each (a bench that alternates two servers round by round)."""
+    summary = {}
+    for n in concurrency:
+        clients = f"clients_{n}"
+        row: dict[str, Any] = {}
+        for key in ("texts_per_s", "p50_ms", "p99_ms"):
+            for side in (base, other):
+                row[f"{side}_{key}"] = statistics.median(r[clients][key] for r in rounds[side])
+            row[f"{other}_vs_{base}_{key}"] = round(row[f"{other}_{key}"] / row[f"{base}_{key}"], 3)
+        summary[clients] = row
+    return summary
+
+
+def write_result(out: Path, facts: dict[str, Any], summary: dict, runs: dict) -> None:
+    """The bench's JSON: when, on what machine, `facts`, the summary and every run."""
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        **facts,
+        "summary": summary,
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+    print(json.dumps(summary, indent=2))
+
+
 def wait_ready(url: str, seconds: float = 60) -> None:
     """Until the server at `url` says it is ready (a bench's server is starting)."""
     import httpx

@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,7 @@ import httpx
 import pandas as pd
 import yaml
 
-from bench.serving import load, wait_ready
+from bench.serving import load, side_by_side, wait_ready, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
@@ -120,31 +116,14 @@ def main() -> None:
                     measure(root, args.model_dir.resolve(), texts, side == "shadow", args.seconds)
                 )
 
-    summary = {}
-    for n in CONCURRENCY:
-        clients = f"clients_{n}"
-        row: dict[str, Any] = {}
-        for key in ("texts_per_s", "p50_ms", "p99_ms"):
-            for side in SIDES:
-                row[f"{side}_{key}"] = statistics.median(r[clients][key] for r in rounds[side])
-            row[f"shadow_vs_alone_{key}"] = round(row[f"shadow_{key}"] / row[f"alone_{key}"], 3)
+    summary = side_by_side(rounds, "alone", "shadow", CONCURRENCY)
+    for clients, row in summary.items():
         shadowed = [r[clients]["shadow"] for r in rounds["shadow"]]
         scored = sum(s.get("scored", 0) for s in shadowed)
         skipped = sum(s.get("skipped", 0) for s in shadowed)
         row["shadow_scored_share"] = round(scored / max(scored + skipped, 1), 3)
-        summary[clients] = row
-    result = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "model": str(args.model_dir),
-        "seconds_per_load": args.seconds,
-        "rounds": args.rounds,
-        "summary": summary,
-        "runs": rounds,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
-    print(json.dumps(summary, indent=2))
+    facts = {"model": str(args.model_dir), "seconds_per_load": args.seconds, "rounds": args.rounds}
+    write_result(args.out, facts, summary, rounds)
 
 
 if __name__ == "__main__":
