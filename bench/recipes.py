@@ -9,9 +9,9 @@ Recipes are chosen on validation accuracy; test accuracy is reported, never used
     python -m bench.recipes --recipe cpu-demo --recipe "cpu-demo, no input n-grams"
     python -m bench.recipes --markdown            # the README table from the JSON
 
-A run whose tokenizer and pretraining params equal an earlier run's on the same split
-reuses that pretrained model (and counts its pretraining time), so the ablation and the
-transformer-only rows cost no second pretraining.
+A pretrained run whose tokenizer and pretraining params equal an earlier pretrained run's
+on the same split reuses that pretrained model (and counts its pretraining time); a
+"(transformer alone)" row is the same trained model without its n-gram channel.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def run_recipe(
         started = time.perf_counter()
         run_stage(stage, params, root)
         seconds[stage] = round(time.perf_counter() - started, 1)
-    if params.finetune.from_pretrained and cache_key not in pretrained_cache:
+    if from_pretrained and cache_key not in pretrained_cache:
         pretrained_cache[cache_key] = (root, seconds["pretrain"])
     metrics, finetune = Metrics.read(root / METRICS), _read(root / FINETUNE_METRICS)
     common = {
