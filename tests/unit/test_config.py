@@ -59,6 +59,19 @@ def test_out_of_range_value_is_rejected(repo_params_raw: dict) -> None:
         parse_params({**repo_params_raw, "validation": validation})
 
 
+def test_init_from_without_fine_tuning_from_it_is_refused(repo_params_raw: dict) -> None:
+    model = {**repo_params_raw["model"], "init_from": "checkpoint"}
+    finetune = {**repo_params_raw["finetune"], "from_pretrained": False}
+    raw = {**repo_params_raw, "model": model, "finetune": finetune}
+    with pytest.raises(
+        ConfigError, match=r"model\.init_from \(checkpoint\) needs finetune\.from_pretrained=true"
+    ) as refused:
+        parse_params(raw)
+    # The message is the rule, not a dump of every param.
+    assert "orchestration" not in str(refused.value)
+    parse_params({**raw, "finetune": {**finetune, "from_pretrained": True}})
+
+
 def test_set_values_are_read_as_yaml() -> None:
     assert parse_set("data.split.seed=3") == ("data.split.seed", 3)
     assert parse_set("data.max_rows=null") == ("data.max_rows", None)
