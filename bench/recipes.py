@@ -8,6 +8,7 @@ Recipes are chosen on validation accuracy; test accuracy is reported, never used
     python -m bench.recipes                       # every candidate, split seeds 0 1 2
     python -m bench.recipes --recipe cpu-demo --recipe "cpu-demo, no input n-grams"
     python -m bench.recipes --markdown            # the README table from the JSON
+    python -m bench.recipes --english --out reports/bench/recipes-english.json
 
 A pretrained run whose tokenizer and pretraining params equal an earlier pretrained run's
 on the same split reuses that pretrained model (and counts its pretraining time); a
@@ -77,6 +78,8 @@ ENGLISH = {
     "data.corpus": "builtin:en-movie-plots",
 }
 ENGLISH_CANDIDATES: dict[str, dict[str, Any]] = {
+    # From random weights: what the two pretrained recipes below are measured against.
+    "cpu-demo": {**CPU_DEMO, **ENGLISH},
     PRETRAINED: {**CANDIDATES[PRETRAINED], **ENGLISH},
     # sentence-transformers' all-MiniLM-L6-v2 (6x384, pretrained on a billion sentence
     # pairs) fine-tuned directly; set by main() once the package's path is known.
