@@ -61,6 +61,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "cpu-demo, 2 epochs": {**CPU_DEMO, "finetune.epochs": 2},
     # Without the n-gram input embeddings.
     "cpu-demo, no input n-grams": {**CPU_DEMO, "model.input_ngram_order": 0},
+    # Byte-pair tokens (frequent Chinese words become one token) instead of characters.
+    "cpu-demo, BPE tokens": {**CPU_DEMO, "tokenizer.kind": "bpe"},
     # Pretraining on the news corpus as well as the training texts.
     "cpu-demo + pretraining on corpus and train": {
         **CPU_DEMO,
