@@ -9,6 +9,7 @@ from lmops.config import (
     _flatten,
     apply_overrides,
     load_params,
+    override,
     parse_params,
     parse_set,
     profile_overrides,
@@ -236,3 +237,18 @@ def test_profiles_apply_to_valid_params(project: Path) -> None:
     for path in (project / PROFILES_DIR).glob("*.yaml"):
         params, _ = apply_overrides(project, resolve_overrides(project, path.stem, []))
         assert params.data.split.seed == 0
+
+
+def test_every_bench_recipe_is_valid_params() -> None:
+    """A recipe that params refuse would fail only after the bench's earlier runs."""
+    from bench import recipes
+
+    english = {**recipes.ENGLISH_CANDIDATES, "MiniLM": recipes._minilm_recipe()}
+    candidates = {**recipes.CANDIDATES, **{f"{k} (English)": v for k, v in english.items()}}
+    raw = read_raw(REPO_ROOT)
+    for name, overrides in candidates.items():
+        if not overrides:  # the MiniLM placeholder that main() fills in
+            continue
+        params = parse_params(override(raw, overrides))
+        assert params.finetune.epochs == overrides.get("finetune.epochs", 1), name
+    assert Path(english["MiniLM"]["model.init_from"], "config.json").is_file()
