@@ -57,6 +57,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # (Cramming-style: 30% masking, lr 1e-3, no dropout, packed blocks): the time the
     # second fine-tuning epoch took, spent on pretraining.
     PRETRAINED: {**CPU_DEMO, "finetune.from_pretrained": True, "pretrain.steps": 400},
+    # Four times the pretraining, past the 12-minute budget: does pretraining pay with more
+    # compute than cpu-demo has?
+    "cpu-demo + pretraining (TAPT, 1600 steps, over budget)": {
+        **CPU_DEMO,
+        "finetune.from_pretrained": True,
+        "pretrain.steps": 1600,
+    },
     # The recipe before 2026-12-03: two epochs (every such run peaked after its first).
     "cpu-demo, 2 epochs": {**CPU_DEMO, "finetune.epochs": 2},
     # Without the n-gram input embeddings.
