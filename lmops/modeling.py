@@ -17,24 +17,6 @@ def load_tokenizer(tokenizer_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def init_checkpoint(cfg: ModelConfig, root: Path) -> Path | None:
-    """The directory `model.init_from` names, checked to hold a checkpoint and a tokenizer."""
-    if cfg.init_from is None:
-        return None
-    directory = root / cfg.init_from
-    if not (directory / "config.json").is_file():
-        raise LmopsError(
-            f"model.init_from: {directory} holds no Hugging Face checkpoint (no config.json)"
-        )
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-        raise LmopsError(
-            f"model.init_from: {directory} holds no tokenizer (tokenizer.json or vocab.txt)"
-        )
-    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
-        raise LmopsError(f"model.init_from: {directory} holds no weights (*.safetensors)")
-    return directory
-
-
 def build_config(cfg: ModelConfig, tokenizer: Any, **extra: Any) -> Any:
     """A BERT (encoder) or GPT-2 (decoder) config sized by params, with our vocabulary."""
     from transformers import BertConfig, GPT2Config

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+BASE_DIR = Path("models/base")
+BASE_METRICS = Path("reports/base.json")
 RAW_DIR = Path("data/raw")
 INGESTED_DIR = Path("data/ingested")
 VALIDATED_DIR = Path("data/validated")
@@ -37,7 +39,7 @@ COST_DIR = Path("reports/cost")
 # The stages whose cost is the model's training cost (metrics.json's `cost`); every stage
 # also writes its own cost to COST_DIR/STAGE.json (lmops/cost.py), not listed in WRITES
 # below because `lmops stage` writes it, not the stage's function.
-TRAINING = ("ingest", "validate", "tokenizer", "pretrain", "finetune")
+TRAINING = ("base", "ingest", "validate", "tokenizer", "pretrain", "finetune")
 # The pipeline, in order (dvc.yaml's stage order).
 PIPELINE = (*TRAINING, "evaluate", "export")
 
@@ -48,10 +50,11 @@ def cost_path(stage: str) -> Path:
 
 # The data each stage reads and the outputs DVC tracks for it (dvc.yaml's deps and outs).
 READS: dict[str, list[Path]] = {
+    "base": [],
     "ingest": [RAW_DIR],
     "validate": [INGESTED_DIR],
-    "tokenizer": [VALIDATED_DIR],
-    "pretrain": [TOKENIZER_DIR, VALIDATED_DIR],
+    "tokenizer": [BASE_DIR, VALIDATED_DIR],
+    "pretrain": [BASE_DIR, TOKENIZER_DIR, VALIDATED_DIR],
     "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR],
     "evaluate": [
         FINETUNED_DIR,
@@ -61,11 +64,13 @@ READS: dict[str, list[Path]] = {
         FINETUNE_LIVE,
         PRETRAIN_METRICS,
         FINETUNE_METRICS,
+        BASE_METRICS,
         *(cost_path(stage) for stage in TRAINING),
     ],
     "export": [FINETUNED_DIR, VALIDATED_DIR],
 }
 WRITES: dict[str, list[Path]] = {
+    "base": [BASE_DIR, BASE_METRICS],
     "ingest": [INGESTED_DIR, INGEST_METRICS],
     "validate": [VALIDATED_DIR, VALIDATION_DOCS_DIR, VALIDATION_METRICS],
     "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],

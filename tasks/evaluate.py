@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pandas as pd
 from lmops.artifacts import (
     AblationMetrics,
     BaselineGate,
+    BaseManifest,
     Calibration,
     ClassificationMetrics,
     DataManifest,
@@ -38,8 +40,6 @@ from lmops.modeling import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Behavioural checks (Made-With-ML's families) for the default sentiment labels.
-SENTIMENT_LABELS = ["negative", "positive"]
 # The pictures every evaluation draws (tasks/plots.py), by file in reports/plots/.
 PICTURES = [
     ("confusion.png", "Confusion matrix"),
@@ -48,16 +48,48 @@ PICTURES = [
     ("slices.png", "Accuracy by text length, model and baseline"),
     ("curves_finetune.png", "Fine-tuning loss"),
 ]
-INVARIANT_SUFFIXES = ["。", "!"]
-NEGATIVE_SUFFIX = "非常失望。"
-OBVIOUS_CASES = [
-    ("非常好，推荐购买！", "positive"),
-    ("质量很好，很满意。", "positive"),
-    ("这本书写得太精彩了", "positive"),
-    ("太差了，非常失望。", "negative"),
-    ("质量很差，不推荐。", "negative"),
-    ("浪费钱，后悔买了", "negative"),
-]
+
+
+@dataclass(frozen=True)
+class BehaviouralSuite:
+    """Made-With-ML's families for one builtin sentiment label set: a harmless suffix must
+    not flip the label, a negative sentence appended must not raise the positive score, and
+    the obvious one-liners must be right."""
+
+    positive: str
+    invariant_suffixes: tuple[str, ...]
+    negative_suffix: str
+    obvious_cases: tuple[tuple[str, str], ...]
+
+
+BEHAVIOURAL_SUITES = {
+    ("negative", "positive"): BehaviouralSuite(
+        positive="positive",
+        invariant_suffixes=("。", "!"),
+        negative_suffix="非常失望。",
+        obvious_cases=(
+            ("非常好，推荐购买！", "positive"),
+            ("质量很好，很满意。", "positive"),
+            ("这本书写得太精彩了", "positive"),
+            ("太差了，非常失望。", "negative"),
+            ("质量很差，不推荐。", "negative"),
+            ("浪费钱，后悔买了", "negative"),
+        ),
+    ),
+    ("fresh", "rotten"): BehaviouralSuite(
+        positive="fresh",
+        invariant_suffixes=(".", "!"),
+        negative_suffix=" A total waste of time.",
+        obvious_cases=(
+            ("A wonderful, moving film.", "fresh"),
+            ("One of the best movies of the year.", "fresh"),
+            ("Brilliant acting and a smart, funny script.", "fresh"),
+            ("A boring, tedious mess.", "rotten"),
+            ("The worst film I have seen in years.", "rotten"),
+            ("Dull, lifeless and far too long.", "rotten"),
+        ),
+    ),
+}
 
 
 def baseline_proba(
@@ -120,22 +152,24 @@ def classification_metrics(
 
 
 def behavioural_checks(predict: Any, texts: list[str], labels: list[str]) -> dict[str, Any] | None:
-    """Invariance, directional and minimum-functionality pass rates; sentiment data only."""
-    if labels != SENTIMENT_LABELS:
+    """Invariance, directional and minimum-functionality pass rates; for the builtin
+    sentiment label sets only (BEHAVIOURAL_SUITES)."""
+    suite = BEHAVIOURAL_SUITES.get(tuple(labels))
+    if suite is None:
         return None
-    positive = labels.index("positive")
+    positive = labels.index(suite.positive)
     base = predict(texts)
     invariant = np.mean(
         [
             (predict([t + s for t in texts]).argmax(1) == base.argmax(1)).mean()
-            for s in INVARIANT_SUFFIXES
+            for s in suite.invariant_suffixes
         ]
     )
-    negated = predict([t + NEGATIVE_SUFFIX for t in texts])
+    negated = predict([t + suite.negative_suffix for t in texts])
     directional = (negated[:, positive] <= base[:, positive] + 1e-6).mean()
-    obvious = predict([t for t, _ in OBVIOUS_CASES]).argmax(1)
+    obvious = predict([t for t, _ in suite.obvious_cases]).argmax(1)
     minimum = np.mean(
-        [labels[p] == want for p, (_, want) in zip(obvious, OBVIOUS_CASES, strict=True)]
+        [labels[p] == want for p, (_, want) in zip(obvious, suite.obvious_cases, strict=True)]
     )
     return {
         "invariance_punctuation": round(float(invariant), 4),
@@ -255,6 +289,7 @@ def _model_card(
     labels: list[str],
     pretrained: bool,
     training: dict[str, StageRun],
+    base: BaseManifest | None = None,
 ) -> str:
     beats = metrics.gates.beats_baseline
     calibration = metrics.calibration
@@ -271,22 +306,35 @@ def _model_card(
         )
     else:
         served = "The served model is the transformer alone."
+    imported = base is not None and base.kind != "none"
+    if imported:
+        shape = f"{base.layers} layers, hidden {base.hidden_size}"
+        how = (
+            f"from the pretrained base {base.origin}, "
+            + ("pretraining continued with masked-LM here, " if pretrained else "")
+            + "then fine-tuned."
+        )
+    else:
+        shape = (
+            f"{model_cfg.layers} layers, hidden {model_cfg.hidden_size}, {model_cfg.heads} heads"
+        )
+        how = (
+            "pretrained from scratch with masked-LM, then fine-tuned."
+            if pretrained
+            else "fine-tuned from random weights (no pretraining)."
+        )
     lines = [
         "# Model card",
         "",
-        f"A {model_cfg.architecture.upper()} classifier ({model_cfg.layers} layers, hidden "
-        f"{model_cfg.hidden_size}, {model_cfg.heads} heads, {model_cfg.max_length} tokens"
+        f"A {(base.architecture if imported else model_cfg.architecture).upper()} classifier "
+        f"({shape}, {model_cfg.max_length} tokens"
         + (
             f", hashed {model_cfg.input_ngram_order}-gram input embeddings"
             if model_cfg.input_ngram_order
             else ""
         )
         + "), "
-        + (
-            "pretrained from scratch with masked-LM, then fine-tuned."
-            if pretrained
-            else "fine-tuned from random weights (no pretraining)."
-        ),
+        + how,
         "",
         served,
         "",
@@ -305,6 +353,7 @@ def _model_card(
         *([f"- {manifest.personal_data.line()}"] if manifest.personal_data else []),
         "",
         "## Training",
+        *([base.line()] if base is not None else []),
         *(run.line(stage) for stage, run in training.items()),
         "",
         *_cost_section(metrics.cost),
@@ -390,11 +439,13 @@ def run(
     live_dirs: dict[str, Path] | None = None,
     stage_runs: dict[str, Path] | None = None,
     cost_paths: dict[str, Path] | None = None,
+    base_path: Path | None = None,
 ) -> dict[str, Any]:
     """Score the model and the baseline on test; write metrics, plots, pictures and the card.
     `live_dirs` names the DVCLive folders whose training curves are drawn (by stage), and
     `stage_runs` the training stages' metrics files the card's "Training" section reads,
-    and `cost_paths` the cost records (lmops/cost.py) summed into the training cost."""
+    `cost_paths` the cost records (lmops/cost.py) summed into the training cost, and
+    `base_path` the base stage's manifest (where the pretrained base came from)."""
     from lmops.classifier import load
 
     started = time.perf_counter()
@@ -534,6 +585,7 @@ def run(
             labels,
             finetune_cfg.from_pretrained,
             {stage: StageRun.read(path) for stage, path in (stage_runs or {}).items()},
+            BaseManifest.read(base_path) if base_path and base_path.is_file() else None,
         ),
         encoding="utf-8",
     )

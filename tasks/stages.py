@@ -10,6 +10,8 @@ from typing import Any
 
 from lmops.config import Params
 from lmops.stages import (
+    BASE_DIR,
+    BASE_METRICS,
     ERRORS,
     FINETUNE_LIVE,
     FINETUNE_METRICS,
@@ -36,6 +38,19 @@ from lmops.stages import (
 )
 
 
+def base_checkpoint(base_dir: Path) -> Path | None:
+    """The checkpoint the base stage imported into `base_dir`, or None (from scratch)."""
+    from lmops.artifacts import BaseManifest
+
+    return None if BaseManifest.of(base_dir).kind == "none" else base_dir
+
+
+def _base(params: Params, root: Path) -> Any:
+    from lmops.tasks import base
+
+    return base.run(params.model, root, root / BASE_DIR, root / BASE_METRICS)
+
+
 def _ingest(params: Params, root: Path) -> Any:
     from lmops.tasks import ingest
 
@@ -56,7 +71,6 @@ def _validate(params: Params, root: Path) -> Any:
 
 
 def _tokenizer(params: Params, root: Path) -> Any:
-    from lmops.modeling import init_checkpoint
     from lmops.tasks import tokenizer
 
     return tokenizer.run(
@@ -65,18 +79,17 @@ def _tokenizer(params: Params, root: Path) -> Any:
         root / VALIDATED_DIR,
         root / TOKENIZER_DIR,
         root / TOKENIZER_METRICS,
-        init_dir=init_checkpoint(params.model, root),
+        init_dir=base_checkpoint(root / BASE_DIR),
     )
 
 
 def _pretrain(params: Params, root: Path) -> Any:
-    from lmops.modeling import init_checkpoint
     from lmops.tasks import pretrain
 
     return pretrain.run(
         params.pretrain,
         params.model,
-        init_dir=init_checkpoint(params.model, root),
+        init_dir=base_checkpoint(root / BASE_DIR),
         used=params.finetune.from_pretrained,
         tokenizer_dir=root / TOKENIZER_DIR,
         validated_dir=root / VALIDATED_DIR,
@@ -119,6 +132,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         live_dirs={"pretrain": root / PRETRAIN_LIVE, "finetune": root / FINETUNE_LIVE},
         stage_runs={"pretraining": root / PRETRAIN_METRICS, "fine-tuning": root / FINETUNE_METRICS},
         cost_paths={stage: root / cost_path(stage) for stage in TRAINING},
+        base_path=root / BASE_METRICS,
     )
 
 
@@ -137,6 +151,7 @@ def _export(params: Params, root: Path) -> Any:
 
 # In pipeline order (lmops.stages.PIPELINE).
 STAGES: dict[str, Callable[[Params, Path], Any]] = {
+    "base": _base,
     "ingest": _ingest,
     "validate": _validate,
     "tokenizer": _tokenizer,

@@ -167,3 +167,21 @@ def test_a_failed_data_contract_prints_only_lmops_error(tmp_path: Path) -> None:
     assert "values 'weird'" in result.stderr
     for noise in ("Traceback", "KeyError", "ephemeral docs site"):
         assert noise not in result.stderr, result.stderr
+
+
+def test_an_unknown_builtin_base_is_one_line_before_any_run(workspace: Path) -> None:
+    before = (workspace / "params.yaml").read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "lmops", "run", "--set", "model.init_from=builtin:bert-huge"],
+        cwd=workspace,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "unknown builtin base 'builtin:bert-huge' (known: builtin:all-minilm-l6-v2)" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert (workspace / "params.yaml").read_bytes() == before

@@ -31,7 +31,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_repository_params_load() -> None:
     params = load_params(REPO_ROOT)
-    assert params.data.source == "builtin:zh-reviews"
+    assert params.data.source == "builtin:en-movie-reviews"
     assert params.validation.labels == "auto"
 
 
@@ -116,7 +116,7 @@ def test_unknown_profile_lists_the_known_ones(project: Path) -> None:
         resolve_overrides(project, "huge", [])
 
 
-PROFILES = ("tiny", "cpu-demo", "gpu")
+PROFILES = ("tiny", "cpu-demo", "zh", "gpu")
 
 
 def _defaults() -> dict:
@@ -124,7 +124,8 @@ def _defaults() -> dict:
 
 
 def _changes(name: str) -> dict:
-    return _flatten(yaml.safe_load((REPO_ROOT / PROFILES_DIR / f"{name}.yaml").read_text("utf-8")))
+    text = (REPO_ROOT / PROFILES_DIR / f"{name}.yaml").read_text("utf-8")
+    return _flatten(yaml.safe_load(text) or {})  # cpu-demo changes nothing
 
 
 def _below_header(text: str) -> str:
@@ -158,33 +159,58 @@ def test_each_profile_sets_the_params_it_always_did() -> None:
     defaults for every param they do not name."""
     distinctive = {
         "tiny": (
-            28,  # 26, and a smaller error analysis (evaluate.errors) since 2026-12-03
+            # 28 before 2026-12-07; then the defaults became the English MiniLM demo, and
+            # tiny pins the Chinese data, no base and no n-gram channel (+4), while the
+            # defaults' one epoch is its own (-1).
+            31,
             {
+                "data.source": "builtin:zh-reviews",
                 "data.max_rows": 1500,
                 "tokenizer.kind": "wordpiece",
                 "model.hidden_size": 32,
+                "model.init_from": None,
                 "pretrain.steps": 20,
                 "finetune.learning_rate": 1e-3,
+                "finetune.ngram_channel.enabled": False,
                 "evaluate.gates.min_accuracy": 0.5,
                 "evaluate.gates.relax_baseline": True,
                 "evaluate.gates.behavioural.minimum_functionality": 0.0,
                 "evaluate.errors.deletion_texts": 20,
             },
         ),
+        # The defaults themselves: the English demo from the shipped MiniLM base.
         "cpu-demo": (
-            12,
+            0,
             {
-                "tokenizer.kind": "wordpiece",
-                "model.layers": 2,
-                "model.input_ngram_order": 3,
-                "pretrain.texts": ["train"],
-                "finetune.from_pretrained": False,
+                "data.source": "builtin:en-movie-reviews",
+                "model.init_from": "builtin:all-minilm-l6-v2",
+                "finetune.epochs": 1,
                 "finetune.ngram_channel.enabled": True,
             },
         ),
-        "gpu": (
-            18,
+        # The Chinese cpu-demo recipe of 2026-12-03, from scratch.
+        "zh": (
+            13,
             {
+                "data.source": "builtin:zh-reviews",
+                "data.corpus": "builtin:zh-news",
+                "tokenizer.kind": "wordpiece",
+                "model.layers": 2,
+                "model.input_ngram_order": 3,
+                "model.init_from": None,
+                "pretrain.texts": ["train"],
+                "finetune.from_pretrained": False,
+                "finetune.learning_rate": 5e-4,
+                "finetune.ngram_channel.enabled": True,
+            },
+        ),
+        # 18 before 2026-12-07; now the Chinese data and no base (+3), while the n-gram
+        # channel is the defaults' own (-1).
+        "gpu": (
+            20,
+            {
+                "data.source": "builtin:zh-reviews",
+                "model.init_from": None,
                 "tokenizer.vocab_size": 16000,
                 "model.layers": 8,
                 "model.hidden_size": 512,

@@ -33,7 +33,7 @@ def _params(repo_params_raw: dict, **dotted: Any) -> Params:
 def _stages(params: Params, root: Path, validated: Path, *names: str) -> None:
     if not (root / VALIDATED_DIR).exists():
         shutil.copytree(validated, root / VALIDATED_DIR)
-    for name in names:
+    for name in ("base", *names):
         run_stage(name, params, root)
 
 
@@ -98,7 +98,7 @@ def test_finetune_a_third_party_checkpoint_directly(
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text("utf-8"))
     assert 0.0 <= metrics["model"]["accuracy"] <= 1.0
     # The validated data was copied in: only the stages run here have a cost record.
-    assert list(metrics["cost"]["stages"]) == ["tokenizer", "pretrain", "finetune"]
+    assert list(metrics["cost"]["stages"]) == ["base", "tokenizer", "pretrain", "finetune"]
     assert metrics["cost"]["unrecorded"] == ["ingest", "validate"]
 
 
