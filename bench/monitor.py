@@ -43,13 +43,13 @@ def synthesise(folder: Path, rows: int, validated_dir: Path, now: datetime) -> N
     """`rows` traffic records over the 12 hours before `now`, one file per hour."""
     import pandas as pd
 
-    from lmops.simulate import news_sentences
+    from lmops.simulate import corpus_sentences
 
     reviews = pd.concat(
         pd.read_parquet(validated_dir / f"{split}.parquet", columns=["text"])
         for split in ("train", "val", "test")
     )["text"].tolist()
-    news = news_sentences(rows // NEWS_EVERY + 1, seed=0, root=ROOT)
+    news = corpus_sentences("builtin:zh-news", rows // NEWS_EVERY + 1, seed=0, root=ROOT)
     folder.mkdir(parents=True)
     handles: dict[str, Any] = {}
     for i in range(rows):

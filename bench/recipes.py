@@ -127,7 +127,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _baseline_val_accuracy(params: Any, validated: Path) -> float:
-    from lmops.tasks.evaluate import baseline_proba
+    from lmops.baseline import baseline_proba
 
     train = pd.read_parquet(validated / "train.parquet")
     val = pd.read_parquet(validated / "val.parquet")

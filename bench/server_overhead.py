@@ -41,7 +41,17 @@ def tiny_export(scratch: Path) -> tuple[Path, list[str]]:
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
     shutil.copytree(ROOT / "profiles", work / "profiles")
     apply_overrides(work, resolve_overrides(work, "tiny", []))
-    for stage in ("ingest", "validate", "tokenizer", "pretrain", "finetune", "export"):
+    stages = (
+        "base",
+        "ingest",
+        "validate",
+        "tokenizer",
+        "pretrain",
+        "finetune",
+        "distill",
+        "export",
+    )
+    for stage in stages:
         subprocess.run(
             [sys.executable, "-m", "lmops", "stage", stage],
             cwd=work,

@@ -9,7 +9,13 @@
 3. protocol — the Open Inference Protocol through the real `tritonclient[http]`, JSON
    against the binary tensor data extension, at batch 1 and 32, side by side.
 
+`--compare NAME=DIR ...` instead puts the models of several project folders (each after
+its own run: the English base, the Chinese from-scratch model, a student) side by side:
+each published variant through the serving engine, texts/s and ms per text at batch 1 and
+32 on that folder's own test texts, with the variant's test accuracy from its parity check.
+
     .venv/bin/python bench/serving.py [--seconds 3] [--protocol-only]
+    .venv/bin/python bench/serving.py --compare en=/tmp/run-en zh=/tmp/run-zh
 
 Needs `make run` first (models/finetuned, models/onnx, data/validated; `--protocol-only`
 needs only the last two). Writes reports/bench/serving.json (`--protocol-only`:
@@ -171,6 +177,36 @@ def bare_engine(onnx_dir: Path, texts: list[str], threads: int, seconds: float) 
         "explain_126_chars_ms": round(explain_longest * 1000, 3),
         "explain_126_chars_tokens": len(engine.explain(longest, 10**6)["tokens"]),
     }
+
+
+def compare_models(roots: dict[str, Path], threads: int, seconds: float) -> dict[str, Any]:
+    """Each folder's published variants through the serving engine, model by model in one
+    run: ms per text and texts/s at batch 1 and 32, and each variant's test accuracy."""
+    from lmops.engine import Engine
+
+    models: dict[str, Any] = {}
+    for name, root in roots.items():
+        onnx_dir = root / "models/onnx"
+        manifest = ExportManifest.of(onnx_dir)
+        texts = pd.read_parquet(root / "data/validated/test.parquet")["text"].tolist()[:512]
+        row: dict[str, Any] = {"architecture": manifest.architecture, "variants": {}}
+        for variant, published in manifest.variants.items():
+            if variant == "fp16":  # a CUDA variant: on a CPU it only measures emulation
+                continue
+            engine = Engine(
+                onnx_dir, require_gpu=False, max_batch_size=32, threads=threads, variant=variant
+            )
+            one = timed(lambda e=engine, t=texts: e.predict(t[:1]), seconds)
+            batch = timed(lambda e=engine, t=texts: e.predict(t[:32]), seconds)
+            row["variants"][variant] = {
+                "test_accuracy": published.parity.get("accuracy"),
+                "batch_1_ms_per_text": round(one * 1000, 3),
+                "batch_32_ms_per_text": round(batch * 1000 / 32, 3),
+                "batch_1_texts_per_s": round(1 / one, 1),
+                "batch_32_texts_per_s": round(32 / batch, 1),
+            }
+        models[name] = row
+    return models
 
 
 def side_by_side(
@@ -356,7 +392,26 @@ def main() -> None:
     parser.add_argument(
         "--protocol-only", action="store_true", help="Only the tritonclient JSON-vs-binary part."
     )
+    parser.add_argument(
+        "--compare", nargs="+", metavar="NAME=DIR", help="Models of several project folders."
+    )
     args = parser.parse_args()
+    if args.compare:
+        roots = dict(item.split("=", 1) for item in args.compare)
+        result = {
+            "what": "models side by side through the serving engine (bench/serving.py --compare)",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {"threads": args.threads, "platform": platform.platform()},
+            "gemm_ceiling_gflops": round(gemm_gflops(args.threads), 1),
+            "models": compare_models(
+                {name: Path(root) for name, root in roots.items()}, args.threads, args.seconds
+            ),
+        }
+        out = ROOT / (args.out or "reports/bench/serving-models.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result["models"], indent=2))
+        return
     texts = pd.read_parquet(ROOT / "data/validated/test.parquet")["text"].tolist()[:512]
     onnx_dir, model_dir = ROOT / "models/onnx", ROOT / "models/finetuned"
     if args.protocol_only:

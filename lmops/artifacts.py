@@ -191,6 +191,35 @@ class StageRun(_Artifact):
         return f"- {stage}: " + "; ".join(figures)
 
 
+# -- reports/distill.json (distill writes; evaluate, export and the card read) -------------
+
+
+class DistillReport(_Artifact):
+    """Which model is served — the fine-tuned teacher or its distilled student — and the
+    validation figures the choice was made on (never test)."""
+
+    served: Literal["teacher", "student"]
+    why: str
+    teacher_layers: int
+    teacher_val_accuracy: float | None = None  # None: distillation is off
+    student_layers: int | None = None  # None: distillation is off (distill.enabled)
+    student_val_accuracy: float | None = None
+    baseline_val_accuracy: float | None = None
+    max_accuracy_gap: float | None = None
+    seconds: float | None = None
+
+    def line(self) -> str:
+        if self.student_layers is None:
+            return f"- distillation: none; the served model is the teacher ({self.why})"
+        return (
+            f"- distillation: a {self.student_layers}-layer student of the "
+            f"{self.teacher_layers}-layer teacher, validation accuracy "
+            f"{self.student_val_accuracy:.4f} against the teacher's "
+            f"{self.teacher_val_accuracy:.4f} and the baseline's "
+            f"{self.baseline_val_accuracy:.4f}; served: the {self.served} ({self.why})"
+        )
+
+
 # -- reports/cost/STAGE.json (every stage writes its own; evaluate sums the training ones) --
 
 
@@ -611,6 +640,8 @@ class Metrics(_Artifact):
     ablation_no_pretraining: AblationMetrics | None = None
     explanations: ExplanationCheck | None = None
     cost: TrainingCost | None = None
+    # Which model these figures are of, the fine-tuned teacher or its distilled student.
+    distillation: DistillReport | None = None
     seconds: float
 
     def table(self) -> list[str]:

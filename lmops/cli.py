@@ -557,8 +557,9 @@ def simulate_traffic(
     scenario: Annotated[
         str,
         typer.Option(
-            help="in-domain: reviews of the held-out test split; shifted: People's Daily "
-            "news sentences of review-like length."
+            help="in-domain: reviews of the held-out test split; shifted: sentences of "
+            "review-like length from the run's corpus (movie plots by default, People's "
+            "Daily news with the zh profile)."
         ),
     ],
     n: Annotated[int, typer.Option(min=1, help="How many texts to send.")] = 500,

@@ -162,6 +162,15 @@ class FinetuneConfig(OptimConfig):
     ngram_channel: NgramChannelConfig
 
 
+class DistillConfig(OptimConfig):
+    enabled: bool
+    layers: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    soft_weight: float = Field(ge=0, le=1)
+    max_accuracy_gap: float = Field(ge=0, le=1)
+
+
 class PairedRuleConfig(_Strict):
     """How a paired comparison decides (lmops/stats.py): superiority needs the confidence
     interval of the difference above 0; non_inferiority above -margin."""
@@ -370,6 +379,7 @@ class Params(_Strict):
     model: ModelConfig
     pretrain: PretrainConfig
     finetune: FinetuneConfig
+    distill: DistillConfig
     evaluate: EvaluateConfig
     export: ExportConfig
     serve: ServeConfig

@@ -1,8 +1,9 @@
 """Simulated traffic for the drift monitor: real texts sent to a running server.
 
 `in-domain`: reviews from the held-out test split (what the model was tested on).
-`shifted`: sentences of People's Daily news (the builtin corpus), cut to review-like
-length, so what drifts is the content and style, not just the length.
+`shifted`: sentences of the run's pretraining corpus (movie plots for the English default,
+People's Daily news for the zh profile) of review-like length, so what drifts is the content
+and style, not just the length.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from lmops.errors import DataError, LmopsError
 SCENARIOS = ("in-domain", "shifted")
 # Reviews run from ~10 to ~190 characters (p5-p95); news sentences are kept in that range.
 SENTENCE_CHARS = (10, 200)
-_SENTENCE_END = re.compile(r"(?<=[。！？；!?;])")
+# After Chinese full stops at once; after Latin ones where a space follows ("3.5" stays).
+_SENTENCE_END = re.compile(r"(?<=[。！？；])|(?<=[.!?;])\s+")
 
 
 def in_domain_texts(validated_dir: Path, n: int, seed: int) -> list[str]:
@@ -29,17 +31,20 @@ def in_domain_texts(validated_dir: Path, n: int, seed: int) -> list[str]:
     return _draw(texts.tolist(), n, seed)
 
 
-def news_sentences(n: int, seed: int, root: Path = Path(".")) -> list[str]:
-    """`n` sentences of the builtin news corpus of review-like length, seeded order."""
+def corpus_sentences(corpus: str, n: int, seed: int, root: Path = Path(".")) -> list[str]:
+    """`n` sentences of review-like length from the corpus `corpus` names (a builtin or a
+    file, as data.corpus takes it), in a seeded order."""
     from lmops.sources import read_corpus
 
     low, high = SENTENCE_CHARS
     sentences = [
         sentence.strip()
-        for doc in read_corpus("builtin:zh-news", root).frame["text"]
+        for doc in read_corpus(corpus, root).frame["text"]
         for sentence in _SENTENCE_END.split(doc)
         if low <= len(sentence.strip()) <= high
     ]
+    if not sentences:
+        raise DataError(f"{corpus} has no sentence of {low}-{high} characters to send")
     return _draw(sentences, n, seed)
 
 
@@ -57,7 +62,9 @@ def scenario_texts(scenario: str, n: int, seed: int, root: Path, validated_dir: 
     if scenario == "in-domain":
         return in_domain_texts(validated_dir, n, seed)
     if scenario == "shifted":
-        return news_sentences(n, seed, root)
+        from lmops.artifacts import DataManifest
+
+        return corpus_sentences(DataManifest.of(validated_dir).corpus.spec, n, seed, root)
     raise LmopsError(f"unknown scenario {scenario!r} (known: {', '.join(SCENARIOS)})")
 
 

@@ -27,6 +27,8 @@ PRETRAIN_METRICS = Path("reports/pretrain.json")
 FINETUNED_DIR = Path("models/finetuned")
 FINETUNE_LIVE = Path("reports/dvclive/finetune")
 FINETUNE_METRICS = Path("reports/finetune.json")
+STUDENT_DIR = Path("models/student")
+DISTILL_METRICS = Path("reports/distill.json")
 METRICS = Path("reports/metrics.json")
 PLOTS_DIR = Path("reports/plots")
 MODEL_CARD = Path("reports/model_card.md")
@@ -39,7 +41,7 @@ COST_DIR = Path("reports/cost")
 # The stages whose cost is the model's training cost (metrics.json's `cost`); every stage
 # also writes its own cost to COST_DIR/STAGE.json (lmops/cost.py), not listed in WRITES
 # below because `lmops stage` writes it, not the stage's function.
-TRAINING = ("base", "ingest", "validate", "tokenizer", "pretrain", "finetune")
+TRAINING = ("base", "ingest", "validate", "tokenizer", "pretrain", "finetune", "distill")
 # The pipeline, in order (dvc.yaml's stage order).
 PIPELINE = (*TRAINING, "evaluate", "export")
 
@@ -56,8 +58,11 @@ READS: dict[str, list[Path]] = {
     "tokenizer": [BASE_DIR, VALIDATED_DIR],
     "pretrain": [BASE_DIR, TOKENIZER_DIR, VALIDATED_DIR],
     "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR],
+    "distill": [FINETUNED_DIR, VALIDATED_DIR],
     "evaluate": [
         FINETUNED_DIR,
+        STUDENT_DIR,
+        DISTILL_METRICS,
         TOKENIZER_DIR,
         VALIDATED_DIR,
         PRETRAIN_LIVE,
@@ -67,7 +72,7 @@ READS: dict[str, list[Path]] = {
         BASE_METRICS,
         *(cost_path(stage) for stage in TRAINING),
     ],
-    "export": [FINETUNED_DIR, VALIDATED_DIR],
+    "export": [FINETUNED_DIR, STUDENT_DIR, DISTILL_METRICS, VALIDATED_DIR],
 }
 WRITES: dict[str, list[Path]] = {
     "base": [BASE_DIR, BASE_METRICS],
@@ -76,6 +81,7 @@ WRITES: dict[str, list[Path]] = {
     "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],
     "pretrain": [PRETRAINED_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
     "finetune": [FINETUNED_DIR, FINETUNE_LIVE, FINETUNE_METRICS],
+    "distill": [STUDENT_DIR, DISTILL_METRICS],
     "evaluate": [PLOTS_DIR, MODEL_CARD, ERRORS, METRICS],
     "export": [ONNX_DIR, TRITON_DIR],
 }

@@ -13,7 +13,15 @@ from html import escape
 from pathlib import PurePath
 from typing import Any
 
-EXAMPLE_TEXTS = ["质量很好，非常满意", "太差了，再也不买了"]
+# Texts to try, in the language of the builtin data the served labels come from (the
+# English default, else the Chinese reviews').
+EXAMPLE_TEXTS = ["A wonderful, moving film.", "Dull, lifeless and far too long."]
+EXAMPLE_TEXTS_ZH = ["质量很好，非常满意", "太差了，再也不买了"]
+
+
+def example_texts(labels: list[str]) -> list[str]:
+    return EXAMPLE_TEXTS_ZH if labels == ["negative", "positive"] else EXAMPLE_TEXTS
+
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 58rem;
@@ -103,7 +111,8 @@ def landing_page(
             f"{escape(str(following['problem'] or 'swap pending'))}</span>"
         )
         stage = f"follows <b>{escape(str(following['stage']))}</b>, {sync}"
-    body = json.dumps({"texts": EXAMPLE_TEXTS}, ensure_ascii=False)
+    examples = example_texts(labels)
+    body = json.dumps({"texts": examples}, ensure_ascii=False)
     curl = (
         f"curl -s {base_url}/v1/predict \\\n  -H 'content-type: application/json' \\\n  -d '{body}'"
     )
@@ -133,7 +142,7 @@ def landing_page(
 <h2>Try it</h2>
 <pre id="curl">{escape(curl)}</pre>
 <h2>Why? An explanation</h2>
-<form id="explain-form"><input id="explain-text" size="44" value="{escape(EXAMPLE_TEXTS[0])}">
+<form id="explain-form"><input id="explain-text" size="44" value="{escape(examples[0])}">
 <button>Explain</button></form>
 <p id="explanation" class="explanation"></p>
 <p class="sub">Each token coloured by how much the predicted label's probability falls

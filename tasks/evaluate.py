@@ -23,6 +23,7 @@ from lmops.artifacts import (
     Calibration,
     ClassificationMetrics,
     DataManifest,
+    DistillReport,
     Gates,
     Metrics,
     PairedComparison,
@@ -33,6 +34,7 @@ from lmops.artifacts import (
     TrainingCost,
 )
 from lmops.atomic import write_json
+from lmops.baseline import baseline_proba
 from lmops.batching import predict_proba
 from lmops.calibration import apply_temperature, expected_calibration_error, reliability_rows
 from lmops.config import EvaluateConfig, FinetuneConfig, ModelConfig
@@ -90,27 +92,6 @@ BEHAVIOURAL_SUITES = {
         ),
     ),
 }
-
-
-def baseline_proba(
-    cfg: EvaluateConfig, train: pd.DataFrame, texts: list[str], labels: list[str]
-) -> np.ndarray:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    pipeline = make_pipeline(
-        TfidfVectorizer(
-            analyzer="char",
-            ngram_range=(1, cfg.baseline.ngram_max),
-            sublinear_tf=True,
-            min_df=cfg.baseline.min_df,
-        ),
-        LogisticRegression(C=cfg.baseline.C, max_iter=2000),
-    )
-    pipeline.fit(train["text"], train["label"])
-    order = [list(pipeline.classes_).index(name) for name in labels]
-    return pipeline.predict_proba(texts)[:, order]
 
 
 def _slice_names(buckets: list[int]) -> list[str]:
@@ -290,6 +271,7 @@ def _model_card(
     pretrained: bool,
     training: dict[str, StageRun],
     base: BaseManifest | None = None,
+    distilled: DistillReport | None = None,
 ) -> str:
     beats = metrics.gates.beats_baseline
     calibration = metrics.calibration
@@ -309,9 +291,11 @@ def _model_card(
     imported = base is not None and base.kind != "none"
     if imported:
         shape = f"{base.layers} layers, hidden {base.hidden_size}"
+        pretraining = training.get("pretraining")
+        continued = pretraining is not None and bool(pretraining.steps)
         how = (
             f"from the pretrained base {base.origin}, "
-            + ("pretraining continued with masked-LM here, " if pretrained else "")
+            + ("its masked-LM pretraining continued here, " if continued else "")
             + "then fine-tuned."
         )
     else:
@@ -355,6 +339,7 @@ def _model_card(
         "## Training",
         *([base.line()] if base is not None else []),
         *(run.line(stage) for stage, run in training.items()),
+        *([distilled.line()] if distilled is not None else []),
         "",
         *_cost_section(metrics.cost),
         "## Test metrics",
@@ -440,12 +425,14 @@ def run(
     stage_runs: dict[str, Path] | None = None,
     cost_paths: dict[str, Path] | None = None,
     base_path: Path | None = None,
+    distill_path: Path | None = None,
 ) -> dict[str, Any]:
     """Score the model and the baseline on test; write metrics, plots, pictures and the card.
     `live_dirs` names the DVCLive folders whose training curves are drawn (by stage), and
     `stage_runs` the training stages' metrics files the card's "Training" section reads,
     `cost_paths` the cost records (lmops/cost.py) summed into the training cost, and
-    `base_path` the base stage's manifest (where the pretrained base came from)."""
+    `base_path` the base stage's manifest (where the pretrained base came from), and
+    `distill_path` the distill stage's report (teacher or student served, and why)."""
     from lmops.classifier import load
 
     started = time.perf_counter()
@@ -535,6 +522,9 @@ def run(
             score,
             cfg.errors.mistakes,
         )
+    distilled = (
+        DistillReport.read(distill_path) if distill_path and distill_path.is_file() else None
+    )
     metrics = Metrics(
         test_rows=len(test),
         labels=labels,
@@ -548,6 +538,7 @@ def run(
         ablation_no_pretraining=ablation,
         explanations=explanations,
         cost=_training_cost(cost_paths) if cost_paths else None,
+        distillation=distilled,
         seconds=round(time.perf_counter() - started, 2),
     )
 
@@ -586,6 +577,7 @@ def run(
             finetune_cfg.from_pretrained,
             {stage: StageRun.read(path) for stage, path in (stage_runs or {}).items()},
             BaseManifest.read(base_path) if base_path and base_path.is_file() else None,
+            distilled,
         ),
         encoding="utf-8",
     )

@@ -195,6 +195,16 @@ def train_classifier(
     return model, summary
 
 
+def choose_transformer_weight(
+    weights: list[float], transformer_probs: Any, ngram_probs: Any, targets: Any
+) -> tuple[float, dict[float, float]]:
+    """The transformer's share of the served vote with the lowest validation log-loss."""
+    from lmops.ngrams import log_loss, mix
+
+    losses = {w: log_loss(mix(transformer_probs, ngram_probs, w), targets) for w in weights}
+    return min(losses, key=losses.get), losses
+
+
 def attach_ngram_channel(
     cfg: NgramChannelConfig,
     model: Any,
@@ -209,7 +219,7 @@ def attach_ngram_channel(
     import numpy as np
 
     from lmops.classifier import NgramSpec
-    from lmops.ngrams import fit_logistic, log_loss, mix, ngram_module
+    from lmops.ngrams import fit_logistic, mix, ngram_module
 
     started = time.perf_counter()
     label_ids = {name: i for i, name in enumerate(model.spec.labels)}
@@ -237,11 +247,9 @@ def attach_ngram_channel(
     transformer_probs = predict_proba(
         model, tokenizer, val["text"].tolist(), max_length, transformer_only=True
     )
-    losses = {
-        w: log_loss(mix(transformer_probs, fitted["val_probs"], w), val_targets)
-        for w in cfg.transformer_weights
-    }
-    weight = min(losses, key=losses.get)
+    weight, losses = choose_transformer_weight(
+        cfg.transformer_weights, transformer_probs, fitted["val_probs"], val_targets
+    )
     module = ngram_module(
         fitted["weights"],
         fitted["idf"],

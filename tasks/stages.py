@@ -12,6 +12,7 @@ from lmops.config import Params
 from lmops.stages import (
     BASE_DIR,
     BASE_METRICS,
+    DISTILL_METRICS,
     ERRORS,
     FINETUNE_LIVE,
     FINETUNE_METRICS,
@@ -27,6 +28,7 @@ from lmops.stages import (
     PRETRAIN_METRICS,
     PRETRAINED_DIR,
     QUARANTINE_DIR,
+    STUDENT_DIR,
     TOKENIZER_DIR,
     TOKENIZER_METRICS,
     TRAINING,
@@ -115,6 +117,29 @@ def _finetune(params: Params, root: Path) -> Any:
     )
 
 
+def served_model(root: Path) -> Path:
+    """The model the distill stage chose to serve: the fine-tuned teacher or its student."""
+    from lmops.artifacts import DistillReport
+
+    served = DistillReport.read(root / DISTILL_METRICS).served
+    return root / (STUDENT_DIR if served == "student" else FINETUNED_DIR)
+
+
+def _distill(params: Params, root: Path) -> Any:
+    from lmops.tasks import distill
+
+    return distill.run(
+        params.distill,
+        params.finetune.ngram_channel,
+        params.evaluate,
+        params.model.max_length,
+        finetuned_dir=root / FINETUNED_DIR,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / STUDENT_DIR,
+        report_path=root / DISTILL_METRICS,
+    )
+
+
 def _evaluate(params: Params, root: Path) -> Any:
     from lmops.tasks import evaluate
 
@@ -122,7 +147,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         params.evaluate,
         params.finetune,
         params.model,
-        finetuned_dir=root / FINETUNED_DIR,
+        finetuned_dir=served_model(root),
         tokenizer_dir=root / TOKENIZER_DIR,
         validated_dir=root / VALIDATED_DIR,
         metrics_path=root / METRICS,
@@ -133,6 +158,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         stage_runs={"pretraining": root / PRETRAIN_METRICS, "fine-tuning": root / FINETUNE_METRICS},
         cost_paths={stage: root / cost_path(stage) for stage in TRAINING},
         base_path=root / BASE_METRICS,
+        distill_path=root / DISTILL_METRICS,
     )
 
 
@@ -142,7 +168,7 @@ def _export(params: Params, root: Path) -> Any:
     return export.run(
         params.export,
         params.model,
-        finetuned_dir=root / FINETUNED_DIR,
+        finetuned_dir=served_model(root),
         validated_dir=root / VALIDATED_DIR,
         out_dir=root / ONNX_DIR,
         triton_dir=root / TRITON_DIR,
@@ -157,6 +183,7 @@ STAGES: dict[str, Callable[[Params, Path], Any]] = {
     "tokenizer": _tokenizer,
     "pretrain": _pretrain,
     "finetune": _finetune,
+    "distill": _distill,
     "evaluate": _evaluate,
     "export": _export,
 }

@@ -213,6 +213,15 @@ def tiny_validated(repo_params_raw: dict, tmp_path_factory: pytest.TempPathFacto
     return root / "validated"
 
 
+def without_base(root: Path) -> None:
+    """What the base stage writes with `model.init_from: null` (the tiny profile), for a
+    test that runs the later stages in `root` on their own."""
+    from lmops.artifacts import BaseManifest
+    from lmops.stages import BASE_DIR
+
+    BaseManifest(kind="none").write(root / BASE_DIR / BaseManifest.FILE)
+
+
 def build_tiny_classifier(
     raw: dict[str, Any], validated: Path, root: Path, architecture: str = "bert", seed: int = 0
 ) -> dict[str, Path]:

@@ -62,7 +62,7 @@ def test_changed_data_never_resumes_a_stale_pretraining_checkpoint(
     import yaml
 
     from lmops.tasks import tokenizer
-    from tests.conftest import params_with, tiny_raw, tool_env
+    from tests.conftest import params_with, tiny_raw, tool_env, without_base
 
     raw = tiny_raw(repo_params_raw)
     raw["pretrain"].update({"steps": 400, "checkpoint_every": 10})
@@ -72,6 +72,7 @@ def test_changed_data_never_resumes_a_stale_pretraining_checkpoint(
     params = params_with(raw)
     tokenizer_dir = tmp_path / "models" / "tokenizer"
     tokenizer.run(params.tokenizer, params.model, validated, tokenizer_dir, tmp_path / "t.json")
+    without_base(tmp_path)
     checkpoints = tmp_path / "models" / "checkpoints" / "pretrain"
     command = [sys.executable, "-m", "lmops", "stage", "pretrain"]
 

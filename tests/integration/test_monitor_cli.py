@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from lmops.config import load_params, override
-from lmops.simulate import news_sentences
+from lmops.simulate import corpus_sentences
 from lmops.tasks.monitor import reference_model
 from tests.conftest import (
     REPO_ROOT,
@@ -79,7 +79,9 @@ def imported(stderr: str) -> set[str]:
 
 def test_monitor_json_through_the_cli(make_project: Callable[..., Path]) -> None:
     root = make_project("monitor-cli")
-    write_traffic(root / "data" / "traffic", news_sentences(250, seed=1, root=REPO_ROOT))
+    write_traffic(
+        root / "data" / "traffic", corpus_sentences("builtin:zh-news", 250, seed=1, root=REPO_ROOT)
+    )
     result = lmops(root, "monitor", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -202,7 +204,9 @@ def test_simulated_traffic_reaches_the_log_and_the_monitor(served: tuple[Path, s
         for line in path.read_text("utf-8").splitlines()
     ]
     assert len(records) == 130
-    assert set(news_sentences(60, seed=0, root=REPO_ROOT)) <= {r["text"] for r in records}
+    assert set(corpus_sentences("builtin:zh-news", 60, seed=0, root=REPO_ROOT)) <= {
+        r["text"] for r in records
+    }
     assert sum(r["text"] == "客服电话[PHONE]，态度很好" for r in records) == 10
     assert not any("1381234" in r["text"] for r in records)
     summary = json.loads(lmops(root, "monitor", "--json").stdout)
@@ -260,7 +264,9 @@ def test_monitoring_flow_emits_the_drift_event_once_per_cooldown(
     make_project: Callable[..., Path], prefect_server: dict[str, Any]
 ) -> None:
     root = make_project("monitor-flow", serve__model_name="drift-flow-test")
-    write_traffic(root / "data" / "traffic", news_sentences(250, seed=2, root=REPO_ROOT))
+    write_traffic(
+        root / "data" / "traffic", corpus_sentences("builtin:zh-news", 250, seed=2, root=REPO_ROOT)
+    )
     resource = "lmops.model.drift-flow-test"
     started = datetime.now(UTC)
     first = _flow(root, prefect_server["env"])

@@ -73,7 +73,15 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
         cost = workspace[f"reports/cost/{stage}.json"]["data"]
         assert cost["stage"] == stage and cost["cpu_seconds"] > 0 and cost["energy_kwh"] > 0
     training = workspace["reports/metrics.json"]["data"]["cost"]
-    assert list(training["stages"]) == ["ingest", "validate", "tokenizer", "pretrain", "finetune"]
+    assert list(training["stages"]) == [
+        "base",
+        "ingest",
+        "validate",
+        "tokenizer",
+        "pretrain",
+        "finetune",
+        "distill",
+    ]
     assert training["total"]["tokens"] == sum(
         workspace[f"reports/cost/{s}.json"]["data"].get("tokens", 0) for s in training["stages"]
     )

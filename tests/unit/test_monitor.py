@@ -23,7 +23,7 @@ from lmops.artifacts import DriftSummary
 from lmops.config import MonitorConfig, MonitorWindowConfig
 from lmops.engine import Engine
 from lmops.errors import DataError
-from lmops.simulate import news_sentences
+from lmops.simulate import corpus_sentences
 from lmops.sources import read_labelled
 from lmops.tasks import monitor
 from tests.conftest import REPO_ROOT, params_with, traffic_record, write_traffic
@@ -119,7 +119,7 @@ def test_news_windows_are_flagged_and_reported(
     """Measured on this model: 4-5 of 6 columns drift (length PSI ~1), embedding AUC
     0.67-0.73; on the cpu-demo model 8 of 8 news windows flagged."""
     cfg = monitor_config(repo_params_raw)
-    news = news_sentences(2 * WINDOW_ROWS, seed=0, root=REPO_ROOT)
+    news = corpus_sentences("builtin:zh-news", 2 * WINDOW_ROWS, seed=0, root=REPO_ROOT)
     for k in range(2):
         window = news[k * WINDOW_ROWS : (k + 1) * WINDOW_ROWS]
         summary = run_window(cfg, model_dir, reference_dir, tmp_path, window, f"news{k}")

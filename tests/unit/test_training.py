@@ -20,7 +20,7 @@ from lmops.calibration import expected_calibration_error
 from lmops.config import Params
 from lmops.errors import ConfigError, DataError
 from lmops.tasks import evaluate, finetune, pretrain, tokenizer
-from tests.conftest import params_with, tiny_raw, tool_env
+from tests.conftest import params_with, tiny_raw, tool_env, without_base
 
 
 def tiny(repo_params_raw: dict, **dotted: Any) -> Params:
@@ -317,6 +317,7 @@ def test_sigkilled_pretraining_resumes_from_its_last_checkpoint(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
     shutil.copytree(tiny_validated, tmp_path / "data" / "validated")
     shutil.copytree(tokenizer_dir, tmp_path / "models" / "tokenizer")
+    without_base(tmp_path)
     checkpoints = tmp_path / "models" / "checkpoints" / "pretrain"
     command = [sys.executable, "-m", "lmops", "stage", "pretrain"]
 
@@ -366,6 +367,7 @@ def test_pretrain_and_finetune_run_data_parallel_under_torchrun(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
     shutil.copytree(tiny_validated, tmp_path / "data" / "validated")
     shutil.copytree(tokenizer_dir, tmp_path / "models" / "tokenizer")
+    without_base(tmp_path)
     for stage in ("pretrain", "finetune"):
         result = subprocess.run(
             [
