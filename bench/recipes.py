@@ -73,6 +73,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "cpu-demo, max_length 64": {**DEFAULT, "model.max_length": 64},
     "cpu-demo, lr 1e-4": {**DEFAULT, "finetune.learning_rate": 1.0e-4},
     "cpu-demo, 2 epochs": {**DEFAULT, "finetune.epochs": 2},
+    # The fast student (the distill stage): 2 of the teacher's 6 layers, trained two epochs
+    # on its soft labels; a gap of 1 so the student is served (and tested) whenever it
+    # beats the baseline on validation.
+    "cpu-demo, student (2 of 6 layers)": {
+        **DEFAULT,
+        "distill.enabled": True,
+        "distill.max_accuracy_gap": 1.0,
+    },
     # From random weights (the zh recipe on the English data): what the base is worth.
     "from scratch (the zh recipe)": {**ZH, **ENGLISH},
     "from scratch + pretraining (TAPT, 400 steps)": {
@@ -157,7 +165,7 @@ def run_recipe(
     # The pretrain stage runs even when fine-tuning starts from random weights: it then only
     # writes why it skipped (what evaluate reads), so such a run takes nothing from the cache.
     from_pretrained = params.finetune.from_pretrained
-    for stage in ("base", "tokenizer", "pretrain", "finetune", "evaluate"):
+    for stage in ("base", "tokenizer", "pretrain", "finetune", "distill", "evaluate"):
         if stage in ("tokenizer", "pretrain") and cache_key in pretrained_cache and from_pretrained:
             source, cached_seconds = pretrained_cache[cache_key]
             target = TOKENIZER_DIR if stage == "tokenizer" else PRETRAINED_DIR
@@ -186,6 +194,19 @@ def run_recipe(
         if "val_perplexity" in pretrain:  # not when model.init_pretraining skipped it
             common["pretrain_val_perplexity"] = pretrain["val_perplexity"]
             common["pretrain_val_unigram_perplexity"] = pretrain["val_unigram_perplexity"]
+    distilled = metrics.distillation
+    if distilled is not None and distilled.served == "student":
+        # Validation of the served student; its transformer alone has no validation figure.
+        return [
+            {
+                "recipe": name,
+                **common,
+                "val_accuracy": distilled.student_val_accuracy,
+                "test_accuracy": metrics.model.accuracy,
+                "teacher_val_accuracy": distilled.teacher_val_accuracy,
+                "transformer_weight": metrics.transformer_weight,
+            }
+        ]
     rows = []
     channel = finetune.get("ngram_channel")
     if channel:
