@@ -132,3 +132,15 @@ def test_init_from_faults_name_the_param(
             "tokenizer",
             "pretrain",
         )
+
+
+def test_a_base_without_an_lm_head_gets_one_tied_to_its_embeddings(repo_params_raw: dict) -> None:
+    """all-MiniLM-L6-v2 ships no masked-LM head: continued pretraining builds one whose
+    output layer is the word-embedding matrix itself (what the base knows of each token)."""
+    from lmops.tasks.pretrain import _language_model_from
+
+    params = _params(repo_params_raw, model__init_from=str(_minilm()))
+    lm = _language_model_from(_minilm(), params.model, dropout=0.0)
+    decoder = lm.cls.predictions.decoder.weight
+    assert decoder.data_ptr() == lm.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert decoder.shape == (30522, 384)
