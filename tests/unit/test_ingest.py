@@ -40,7 +40,12 @@ def corpus_txt(tmp_path: Path) -> Path:
 
 
 def test_builtin_reviews_deduplicate_to_about_17k(repo_params_raw: dict, tmp_path: Path) -> None:
-    cfg = params_with(repo_params_raw, data__corpus_max_docs=50).data
+    cfg = params_with(
+        repo_params_raw,
+        data__source="builtin:zh-reviews",
+        data__corpus="builtin:zh-news",
+        data__corpus_max_docs=50,
+    ).data
     manifest = ingest.run(cfg, tmp_path, tmp_path / "out", tmp_path / "m.json")
     unique = sum(manifest["rows"][s] for s in ("train", "val", "test"))
     assert 17_000 <= unique <= 17_800

@@ -52,7 +52,9 @@ def test_continue_pretraining_from_an_earlier_lmops_checkpoint(
     later = tmp_path / "later"
     later.mkdir()
     shutil.copytree(earlier / PRETRAINED_DIR, later / "checkpoint")
-    params = _params(repo_params_raw, model__init_from="checkpoint")
+    params = _params(
+        repo_params_raw, model__init_from="checkpoint", model__init_pretraining="continue"
+    )
     _stages(params, later, tiny_validated, "tokenizer", "pretrain", "finetune")
 
     # The checkpoint's own vocabulary, not a newly trained one.
@@ -90,7 +92,7 @@ def test_finetune_a_third_party_checkpoint_directly(
     key = next(k for k in original if k.endswith("word_embeddings.weight"))
     assert (copied[key] == original[key]).all()
 
-    _stages(params, tmp_path, tiny_validated, "finetune", "evaluate")
+    _stages(params, tmp_path, tiny_validated, "finetune", "distill", "evaluate")
     model = load(tmp_path / FINETUNED_DIR)
     config = model.encoder.config
     # The checkpoint decides the architecture (the tiny profile asks for 1 layer of 32).
@@ -98,7 +100,13 @@ def test_finetune_a_third_party_checkpoint_directly(
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text("utf-8"))
     assert 0.0 <= metrics["model"]["accuracy"] <= 1.0
     # The validated data was copied in: only the stages run here have a cost record.
-    assert list(metrics["cost"]["stages"]) == ["base", "tokenizer", "pretrain", "finetune"]
+    assert list(metrics["cost"]["stages"]) == [
+        "base",
+        "tokenizer",
+        "pretrain",
+        "finetune",
+        "distill",
+    ]
     assert metrics["cost"]["unrecorded"] == ["ingest", "validate"]
 
 
@@ -106,7 +114,11 @@ def test_continue_pretraining_a_third_party_checkpoint(
     repo_params_raw: dict, tiny_validated: Path, tmp_path: Path
 ) -> None:
     params = _params(
-        repo_params_raw, model__init_from=str(_minilm()), pretrain__steps=4, pretrain__batch_size=4
+        repo_params_raw,
+        model__init_from=str(_minilm()),
+        model__init_pretraining="continue",
+        pretrain__steps=4,
+        pretrain__batch_size=4,
     )
     _stages(params, tmp_path, tiny_validated, "tokenizer", "pretrain")
     metrics = json.loads((tmp_path / PRETRAIN_METRICS).read_text("utf-8"))
@@ -126,7 +138,12 @@ def test_init_from_faults_name_the_param(
         )
     with pytest.raises(LmopsError, match="model.init_from: .*max_length"):
         _stages(
-            _params(repo_params_raw, model__init_from=str(_minilm()), model__max_length=1024),
+            _params(
+                repo_params_raw,
+                model__init_from=str(_minilm()),
+                model__init_pretraining="continue",
+                model__max_length=1024,
+            ),
             tmp_path,
             tiny_validated,
             "tokenizer",
