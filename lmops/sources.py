@@ -117,7 +117,7 @@ BUILTINS = {
             "on builtin:zh-reviews this is the expected verdict, not a broken run: every "
             "recipe tried (seven from scratch on three split seeds, 1,600 steps of "
             "pretraining, and the multilingual e5-small base) ties TF-IDF + LR at best "
-            "(reports/bench/recipes.json), and the two models' test mistakes largely "
+            "(reports/bench/recipes-zh.json), and the two models' test mistakes largely "
             "coincide (correlation 0.72), the most confident shared ones being wrong labels "
             "(a review's cons labelled positive): the labels' noise caps every model near 85%"
         ),

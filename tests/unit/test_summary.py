@@ -14,7 +14,7 @@ def test_the_chinese_reviews_point_at_their_label_noise() -> None:
     paragraph = _why_not_prod("builtin:zh-reviews")
     assert "never relaxed" in paragraph
     assert "On builtin:zh-reviews this is the expected verdict" in paragraph
-    assert "reports/bench/recipes.json" in paragraph and "labels' noise" in paragraph
+    assert "reports/bench/recipes-zh.json" in paragraph and "labels' noise" in paragraph
 
 
 def test_other_data_gets_what_to_try() -> None:
