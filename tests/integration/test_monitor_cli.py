@@ -49,8 +49,10 @@ def make_project(
         root = tmp_path_factory.mktemp(name)
         shutil.copytree(tiny_export(0), root / "models" / "onnx")
         (root / "data" / "validated").mkdir(parents=True)
-        for split in ("test", "val"):
-            shutil.copy(tiny_validated / f"{split}.parquet", root / "data" / "validated")
+        # The test and val splits, and the manifest naming the corpus (simulate-traffic's
+        # shifted scenario sends its sentences).
+        for name in ("test.parquet", "val.parquet", "manifest.json"):
+            shutil.copy(tiny_validated / name, root / "data" / "validated")
         raw = override(repo_params_raw, {k.replace("__", "."): v for k, v in dotted.items()})
         (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), "utf-8")
         return root
