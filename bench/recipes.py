@@ -165,7 +165,7 @@ def run_recipe(
     # The pretrain stage runs even when fine-tuning starts from random weights: it then only
     # writes why it skipped (what evaluate reads), so such a run takes nothing from the cache.
     from_pretrained = params.finetune.from_pretrained
-    for stage in ("base", "tokenizer", "pretrain", "finetune", "distill", "evaluate"):
+    for stage in ("base", "labels", "tokenizer", "pretrain", "finetune", "distill", "evaluate"):
         if stage in ("tokenizer", "pretrain") and cache_key in pretrained_cache and from_pretrained:
             source, cached_seconds = pretrained_cache[cache_key]
             target = TOKENIZER_DIR if stage == "tokenizer" else PRETRAINED_DIR

@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from lmops import registry
-from lmops.artifacts import DataManifest, ExportManifest, Metrics
+from lmops.artifacts import DataManifest, ExportManifest, LabelIssuesReport, Metrics
 from lmops.config import (
     OrchestrationConfig,
     apply_overrides,
@@ -38,6 +38,8 @@ from lmops.errors import LmopsError
 from lmops.flows.promotion import actor, promotion
 from lmops.flows.retry import task_options
 from lmops.stages import (
+    LABELS_METRICS,
+    LABELS_PAGE_DIR,
     METRICS,
     MODEL_CARD,
     ONNX_DIR,
@@ -202,6 +204,26 @@ def _manifest_markdown(manifest: DataManifest, docs_url: str, stages: list[dict]
     return "\n".join(lines)
 
 
+def _labels_markdown(report: LabelIssuesReport, page_url: str) -> str:
+    lines = [
+        "# Label issues",
+        "",
+        report.line().removeprefix("- "),
+        "",
+        "| split | given label | suggested | confidence | text |",
+        "|---|---|---|---:|---|",
+        *(
+            f"| {i.split} | {i.label} | {i.suggested} | {i.confidence:.2f} | "
+            f"{i.text[:120].replace('|', '/')} |"
+            for i in report.top[:10]
+        ),
+        "",
+        f"Every split's counts and top issues: {page_url}; every flagged row: `lmops labels "
+        "--export FILE.csv`.",
+    ]
+    return "\n".join(lines)
+
+
 @task
 def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
     """Commit dvc.lock, params and reports, push data and models to the DVC remote, and tag
@@ -332,6 +354,12 @@ def _publish(root: Path, stages: list[dict[str, Any]], pages_url: str) -> dict[s
         ),
         description="Row counts, drops and content hashes of the validated data",
     )
+    labels = LabelIssuesReport.read(root / LABELS_METRICS)
+    create_markdown_artifact(
+        key="label-issues",
+        markdown=_labels_markdown(labels, f"{pages_url}/{LABELS_PAGE_DIR.as_posix()}/"),
+        description="Rows whose given label looks wrong, per split, and what was dropped",
+    )
     metrics = Metrics.read(root / METRICS)
     plots = sorted((root / PLOTS_DIR).glob("*"))
     create_markdown_artifact(
@@ -349,6 +377,7 @@ def _publish(root: Path, stages: list[dict[str, Any]], pages_url: str) -> dict[s
         "stages": stages,
         "manifest": manifest.dump(),
         "data_docs": str(docs_index),
+        "labels": labels.dump(),
         "metrics": metrics.dump(),
         "model_card": str(root / MODEL_CARD),
     }

@@ -220,6 +220,88 @@ class DistillReport(_Artifact):
         )
 
 
+# -- reports/labels.json (the labels stage; data/labels/issues.parquet holds every row) ----
+
+
+class LabelIssue(_Artifact):
+    """One row whose given label the out-of-fold probabilities disagree with."""
+
+    split: str
+    row: int  # its position in data/validated/SPLIT.parquet
+    text: str
+    label: str
+    suggested: str
+    confidence: float  # the probability of the suggested label
+    quality: float  # cleanlab's self-confidence: the probability of the given label
+
+
+class SplitLabelCheck(_Artifact):
+    """One split's verdict: how many rows of each class are flagged, or why none could be."""
+
+    split: str
+    rows: int
+    rows_by_class: dict[str, int]
+    checked: bool
+    why_unchecked: str | None = None
+    folds: int | None = None  # train: cross-validation folds; val/test: none (held out)
+    flagged: int = 0
+    flagged_by_class: dict[str, int] = {}
+    notes: list[str] = []
+
+
+class LabelIssuesReport(_Artifact):
+    """Label issues found by confident learning, per split, and what the policy did."""
+
+    policy: Literal["report", "drop_train"]
+    method: str
+    labels: list[str]
+    splits: list[SplitLabelCheck]
+    top: list[LabelIssue]  # the most confident issues of each split (all of them: the parquet)
+    train_rows: int  # the rows fine-tuning learns from
+    dropped_train_rows: int
+    seconds: float | None = None
+
+    def split(self, name: str) -> SplitLabelCheck | None:
+        return next((s for s in self.splits if s.split == name), None)
+
+    def line(self) -> str:
+        parts = [
+            f"{s.split} {s.flagged:,} of {s.rows:,}" if s.checked else f"{s.split} unchecked"
+            for s in self.splits
+        ]
+        dropped = (
+            f"{self.dropped_train_rows:,} flagged training rows dropped (data.label_issues: "
+            "drop_train)"
+            if self.policy == "drop_train"
+            else "none dropped (data.label_issues: report)"
+        )
+        unchecked = [f"{s.split}: {s.why_unchecked}" for s in self.splits if not s.checked]
+        return f"- label issues: {', '.join(parts)} rows flagged; {dropped}" + (
+            f"; not checked: {'; '.join(unchecked)}" if unchecked else ""
+        )
+
+
+class TestLabelIssues(_Artifact):
+    """The model and the baseline on every test row and on the rows not flagged."""
+
+    policy: Literal["report", "drop_train"]
+    test_flagged: int
+    accuracy_all: float
+    accuracy_unflagged: float
+    baseline_accuracy_all: float
+    baseline_accuracy_unflagged: float
+    dropped_train_rows: int
+
+    def line(self) -> str:
+        return (
+            f"- label issues: {self.test_flagged:,} test rows flagged; accuracy on all test "
+            f"rows {self.accuracy_all:.4f} (baseline {self.baseline_accuracy_all:.4f}), on "
+            f"unflagged test rows {self.accuracy_unflagged:.4f} (baseline "
+            f"{self.baseline_accuracy_unflagged:.4f}); {self.dropped_train_rows:,} flagged "
+            f"training rows dropped (data.label_issues: {self.policy})"
+        )
+
+
 # -- reports/cost/STAGE.json (every stage writes its own; evaluate sums the training ones) --
 
 
@@ -642,6 +724,8 @@ class Metrics(_Artifact):
     cost: TrainingCost | None = None
     # Which model these figures are of, the fine-tuned teacher or its distilled student.
     distillation: DistillReport | None = None
+    # Accuracy on the test rows the labels stage did not flag, beside all rows.
+    label_issues: TestLabelIssues | None = None
     seconds: float
 
     def table(self) -> list[str]:

@@ -107,6 +107,15 @@ def _print_summary(result: dict[str, Any]) -> None:
     )
     typer.echo("  data       data/validated/ (manifest.json has counts and hashes)")
     typer.echo(f"  validation {result['data_docs']}")
+    if result.get("labels"):
+        from lmops.artifacts import LabelIssuesReport
+
+        found = LabelIssuesReport.model_validate(result["labels"])
+        typer.echo(
+            "  labels     "
+            + found.line().removeprefix("- label issues: ")
+            + " (lmops labels; reports/labels/index.html)"
+        )
     typer.echo("  model      models/finetuned/ (pretrained LM: models/pretrained/)")
     typer.echo(f"  card       {result['model_card']}")
     exported = ExportManifest.model_validate(result["export"])
@@ -549,6 +558,75 @@ def feedback_command(
         )
     if refused:
         raise typer.Exit(1)
+
+
+@app.command("labels")
+@_user_errors
+def labels_command(
+    top: Annotated[int, typer.Option(min=0, help="How many flagged rows to print.")] = 10,
+    split: Annotated[
+        str | None, typer.Option(help="Only this split's rows (train, val or test).")
+    ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the flagged rows as a CSV (text, label, given_label, suggested_label, "
+            "confidence, split, row) whose `label` column a person corrects."
+        ),
+    ] = None,
+    with_source: Annotated[
+        bool,
+        typer.Option(
+            "--with-source",
+            help="With --export: every validated row after the flagged ones, so that "
+            "pointing data.source at the corrected file retrains on all the data.",
+        ),
+    ] = False,
+) -> None:
+    """The rows whose given label looks wrong (the labels stage's confident learning),
+    most confident first; --export writes them for a person to correct."""
+    from lmops.artifacts import LabelIssuesReport
+    from lmops.stages import LABELS_DIR, LABELS_METRICS, VALIDATED_DIR
+    from lmops.tasks.labels import SPLITS, review_table
+
+    root = Path.cwd()
+    if split is not None and split not in SPLITS:
+        raise LmopsError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+    if not (root / LABELS_METRICS).is_file() or not (root / LABELS_DIR).is_dir():
+        raise LmopsError(
+            f"no label issues here ({LABELS_METRICS} or {LABELS_DIR}/ is missing): "
+            "run `lmops run` (or `dvc repro labels`) first"
+        )
+    report = LabelIssuesReport.read(root / LABELS_METRICS)
+    typer.echo(report.method)
+    for check in report.splits:
+        typer.echo(
+            f"  {check.split:<5} {check.flagged:,} of {check.rows:,} rows flagged ("
+            + ", ".join(f"{n:,} labelled {name}" for name, n in check.flagged_by_class.items())
+            + ")"
+            if check.checked
+            else f"  {check.split:<5} not checked: {check.why_unchecked}"
+        )
+    table = review_table(root / VALIDATED_DIR, root / LABELS_DIR, every_row=False)
+    shown = table if split is None else table[table["split"] == split]
+    for row in shown.head(top).itertuples():
+        text = row.text if len(row.text) <= 100 else row.text[:99] + "…"
+        typer.echo(
+            f"  {row.split}#{row.row}: {row.given_label} -> {row.suggested_label} "
+            f"({row.confidence:.2f}): {text}"
+        )
+    if export is not None:
+        table = review_table(root / VALIDATED_DIR, root / LABELS_DIR, every_row=with_source)
+        if split is not None:
+            table = table[table["split"] == split]
+        export.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(export, index=False)
+        flagged = int(table["given_label"].notna().sum())
+        typer.echo(
+            f"wrote {len(table):,} row(s) to {export}: {flagged:,} flagged"
+            + (f", {len(table) - flagged:,} not flagged" if with_source else "")
+            + "; correct the `label` column, then point data.source at the file"
+        )
 
 
 @app.command("simulate-traffic")

@@ -48,6 +48,7 @@ class DataConfig(_Strict):
     max_rows: int | None = Field(gt=0)
     corpus_max_docs: int | None = Field(gt=0)
     split: SplitConfig
+    label_issues: Literal["report", "drop_train"]
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> DataConfig:

@@ -18,6 +18,9 @@ QUARANTINE_DIR = Path("data/quarantine")
 VALIDATION_DOCS_DIR = Path("reports/validation")
 INGEST_METRICS = Path("reports/ingest.json")
 VALIDATION_METRICS = Path("reports/validation.json")
+LABELS_DIR = Path("data/labels")
+LABELS_METRICS = Path("reports/labels.json")
+LABELS_PAGE_DIR = Path("reports/labels")
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_METRICS = Path("reports/tokenizer.json")
 PRETRAINED_DIR = Path("models/pretrained")
@@ -41,7 +44,7 @@ COST_DIR = Path("reports/cost")
 # The stages whose cost is the model's training cost (metrics.json's `cost`); every stage
 # also writes its own cost to COST_DIR/STAGE.json (lmops/cost.py), not listed in WRITES
 # below because `lmops stage` writes it, not the stage's function.
-TRAINING = ("base", "ingest", "validate", "tokenizer", "pretrain", "finetune", "distill")
+TRAINING = ("base", "ingest", "validate", "labels", "tokenizer", "pretrain", "finetune", "distill")
 # The pipeline, in order (dvc.yaml's stage order).
 PIPELINE = (*TRAINING, "evaluate", "export")
 
@@ -55,12 +58,15 @@ READS: dict[str, list[Path]] = {
     "base": [],
     "ingest": [RAW_DIR],
     "validate": [INGESTED_DIR],
+    "labels": [VALIDATED_DIR],
     "tokenizer": [BASE_DIR, VALIDATED_DIR],
     "pretrain": [BASE_DIR, TOKENIZER_DIR, VALIDATED_DIR],
-    "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR],
-    "distill": [FINETUNED_DIR, VALIDATED_DIR],
+    "finetune": [TOKENIZER_DIR, PRETRAINED_DIR, VALIDATED_DIR, LABELS_DIR],
+    "distill": [FINETUNED_DIR, VALIDATED_DIR, LABELS_DIR],
     "evaluate": [
         FINETUNED_DIR,
+        LABELS_DIR,
+        LABELS_METRICS,
         STUDENT_DIR,
         DISTILL_METRICS,
         TOKENIZER_DIR,
@@ -78,6 +84,7 @@ WRITES: dict[str, list[Path]] = {
     "base": [BASE_DIR, BASE_METRICS],
     "ingest": [INGESTED_DIR, INGEST_METRICS],
     "validate": [VALIDATED_DIR, VALIDATION_DOCS_DIR, VALIDATION_METRICS],
+    "labels": [LABELS_DIR, LABELS_PAGE_DIR, LABELS_METRICS],
     "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],
     "pretrain": [PRETRAINED_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
     "finetune": [FINETUNED_DIR, FINETUNE_LIVE, FINETUNE_METRICS],

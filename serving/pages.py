@@ -238,9 +238,28 @@ def _metrics_table(facts: dict[str, Any]) -> str:
     return (
         _markdown(metrics.verdict())
         + f"<table><tr><th>test metric</th>{head}</tr>{rows}</table>"
+        + _label_issues(metrics.label_issues)
         + _markdown(f"Gates: {metrics.gates.text()}")
         + "<h3>Accuracy by text length (test)</h3><table><tr><th>slice</th><th class=n>texts"
         f"</th><th class=n>model</th><th class=n>baseline</th></tr>{slices}</table>"
+    )
+
+
+def _label_issues(found: Any) -> str:
+    """Accuracy on every test row and on the rows whose label the labels stage trusts."""
+    if found is None:
+        return ""
+    return (
+        f"<h3>Label issues (test)</h3><p>{found.test_flagged:,} test rows are flagged as "
+        'likely mislabelled (<a href="../reports/labels/">label issues</a>); '
+        f"{found.dropped_train_rows:,} flagged training rows were dropped "
+        f"(<code>data.label_issues: {escape(found.policy)}</code>).</p>"
+        "<table><tr><th>test accuracy</th><th class=n>this version</th>"
+        "<th class=n>TF-IDF + LR baseline</th></tr>"
+        f"<tr><th>all test rows</th><td class=n>{found.accuracy_all:.4f}</td>"
+        f"<td class=n>{found.baseline_accuracy_all:.4f}</td></tr>"
+        f"<tr><th>unflagged test rows</th><td class=n>{found.accuracy_unflagged:.4f}</td>"
+        f"<td class=n>{found.baseline_accuracy_unflagged:.4f}</td></tr></table>"
     )
 
 

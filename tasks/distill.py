@@ -188,6 +188,7 @@ def run(
     max_length: int,
     finetuned_dir: Path,
     validated_dir: Path,
+    labels_dir: Path,
     out_dir: Path,
     report_path: Path,
 ) -> DistillReport:
@@ -206,7 +207,7 @@ def run(
         report.write(report_path)
         return report
     tokenizer = load_tokenizer(finetuned_dir)
-    train = pd.read_parquet(validated_dir / "train.parquet")
+    train = pd.read_parquet(labels_dir / "train.parquet")  # the rows the labels stage kept
     val = pd.read_parquet(validated_dir / "val.parquet")
     student = train_student(cfg, teacher, tokenizer, train, max_length)
     reweigh_ngram_channel(channel_cfg, student, tokenizer, val, max_length)

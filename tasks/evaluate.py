@@ -25,11 +25,13 @@ from lmops.artifacts import (
     DataManifest,
     DistillReport,
     Gates,
+    LabelIssuesReport,
     Metrics,
     PairedComparison,
     SliceMetrics,
     StageCost,
     StageRun,
+    TestLabelIssues,
     ThresholdGate,
     TrainingCost,
 )
@@ -340,6 +342,7 @@ def _model_card(
         *([base.line()] if base is not None else []),
         *(run.line(stage) for stage, run in training.items()),
         *([distilled.line()] if distilled is not None else []),
+        *([metrics.label_issues.line()] if metrics.label_issues is not None else []),
         "",
         *_cost_section(metrics.cost),
         "## Test metrics",
@@ -410,6 +413,37 @@ def _pictures(
         plots.curves(live, f"{stage} (DVCLive)", plots_dir / f"curves_{stage}.png")
 
 
+def _test_label_issues(
+    report_path: Path | None,
+    labels_dir: Path,
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    baseline_predicted: np.ndarray,
+) -> TestLabelIssues | None:
+    """Accuracy on every test row and on the rows the labels stage did not flag: how much
+    of the remaining error may be the labels' (None when test was not checked)."""
+    if report_path is None or not report_path.is_file():
+        return None
+    report = LabelIssuesReport.read(report_path)
+    check = report.split("test")
+    if check is None or not check.checked:
+        return None
+    issues = pd.read_parquet(labels_dir / "issues.parquet")
+    flagged = issues.loc[issues["split"] == "test", "row"].to_numpy(dtype=int)
+    clean = np.ones(len(targets), dtype=bool)
+    clean[flagged] = False
+    right, baseline_right = predicted == targets, baseline_predicted == targets
+    return TestLabelIssues(
+        policy=report.policy,
+        test_flagged=int((~clean).sum()),
+        accuracy_all=round(float(right.mean()), 5),
+        accuracy_unflagged=round(float(right[clean].mean()), 5),
+        baseline_accuracy_all=round(float(baseline_right.mean()), 5),
+        baseline_accuracy_unflagged=round(float(baseline_right[clean].mean()), 5),
+        dropped_train_rows=report.dropped_train_rows,
+    )
+
+
 def run(
     cfg: EvaluateConfig,
     finetune_cfg: FinetuneConfig,
@@ -417,6 +451,7 @@ def run(
     finetuned_dir: Path,
     tokenizer_dir: Path,
     validated_dir: Path,
+    labels_dir: Path,
     metrics_path: Path,
     plots_dir: Path,
     model_card_path: Path,
@@ -426,17 +461,20 @@ def run(
     cost_paths: dict[str, Path] | None = None,
     base_path: Path | None = None,
     distill_path: Path | None = None,
+    labels_path: Path | None = None,
 ) -> dict[str, Any]:
     """Score the model and the baseline on test; write metrics, plots, pictures and the card.
     `live_dirs` names the DVCLive folders whose training curves are drawn (by stage), and
     `stage_runs` the training stages' metrics files the card's "Training" section reads,
     `cost_paths` the cost records (lmops/cost.py) summed into the training cost, and
     `base_path` the base stage's manifest (where the pretrained base came from), and
-    `distill_path` the distill stage's report (teacher or student served, and why)."""
+    `distill_path` the distill stage's report (teacher or student served, and why), and
+    `labels_path` the labels stage's report (its flagged test rows are in `labels_dir`).
+    The baseline learns from the same training rows as the model (`labels_dir`)."""
     from lmops.classifier import load
 
     started = time.perf_counter()
-    train = pd.read_parquet(validated_dir / "train.parquet")
+    train = pd.read_parquet(labels_dir / "train.parquet")
     val = pd.read_parquet(validated_dir / "val.parquet")
     test = pd.read_parquet(validated_dir / "test.parquet")
     model = load(finetuned_dir)
@@ -539,6 +577,9 @@ def run(
         explanations=explanations,
         cost=_training_cost(cost_paths) if cost_paths else None,
         distillation=distilled,
+        label_issues=_test_label_issues(
+            labels_path, labels_dir, targets, probs.argmax(1), baseline_probs.argmax(1)
+        ),
         seconds=round(time.perf_counter() - started, 2),
     )
 

@@ -298,12 +298,15 @@ def run(
     tokenizer_dir: Path,
     pretrained_dir: Path,
     validated_dir: Path,
+    labels_dir: Path,
     out_dir: Path,
     live_dir: Path,
     metrics_path: Path,
 ) -> dict[str, Any]:
+    """Fine-tune on the training rows the labels stage kept (`labels_dir`: all of them
+    unless data.label_issues is drop_train), and choose on validation."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    train = pd.read_parquet(validated_dir / "train.parquet")
+    train = pd.read_parquet(labels_dir / "train.parquet")
     val = pd.read_parquet(validated_dir / "val.parquet")
     labels = sorted(train["label"].unique())
     model, summary = train_classifier(

@@ -19,6 +19,9 @@ from lmops.stages import (
     FINETUNED_DIR,
     INGEST_METRICS,
     INGESTED_DIR,
+    LABELS_DIR,
+    LABELS_METRICS,
+    LABELS_PAGE_DIR,
     METRICS,
     MODEL_CARD,
     ONNX_DIR,
@@ -72,6 +75,19 @@ def _validate(params: Params, root: Path) -> Any:
     )
 
 
+def _labels(params: Params, root: Path) -> Any:
+    from lmops.tasks import labels
+
+    return labels.run(
+        params.data,
+        params.evaluate,
+        validated_dir=root / VALIDATED_DIR,
+        out_dir=root / LABELS_DIR,
+        report_path=root / LABELS_METRICS,
+        page_dir=root / LABELS_PAGE_DIR,
+    )
+
+
 def _tokenizer(params: Params, root: Path) -> Any:
     from lmops.tasks import tokenizer
 
@@ -111,6 +127,7 @@ def _finetune(params: Params, root: Path) -> Any:
         tokenizer_dir=root / TOKENIZER_DIR,
         pretrained_dir=root / PRETRAINED_DIR,
         validated_dir=root / VALIDATED_DIR,
+        labels_dir=root / LABELS_DIR,
         out_dir=root / FINETUNED_DIR,
         live_dir=root / FINETUNE_LIVE,
         metrics_path=root / FINETUNE_METRICS,
@@ -135,6 +152,7 @@ def _distill(params: Params, root: Path) -> Any:
         params.model.max_length,
         finetuned_dir=root / FINETUNED_DIR,
         validated_dir=root / VALIDATED_DIR,
+        labels_dir=root / LABELS_DIR,
         out_dir=root / STUDENT_DIR,
         report_path=root / DISTILL_METRICS,
     )
@@ -150,6 +168,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         finetuned_dir=served_model(root),
         tokenizer_dir=root / TOKENIZER_DIR,
         validated_dir=root / VALIDATED_DIR,
+        labels_dir=root / LABELS_DIR,
         metrics_path=root / METRICS,
         plots_dir=root / PLOTS_DIR,
         model_card_path=root / MODEL_CARD,
@@ -159,6 +178,7 @@ def _evaluate(params: Params, root: Path) -> Any:
         cost_paths={stage: root / cost_path(stage) for stage in TRAINING},
         base_path=root / BASE_METRICS,
         distill_path=root / DISTILL_METRICS,
+        labels_path=root / LABELS_METRICS,
     )
 
 
@@ -180,6 +200,7 @@ STAGES: dict[str, Callable[[Params, Path], Any]] = {
     "base": _base,
     "ingest": _ingest,
     "validate": _validate,
+    "labels": _labels,
     "tokenizer": _tokenizer,
     "pretrain": _pretrain,
     "finetune": _finetune,

@@ -249,6 +249,7 @@ def build_tiny_classifier(
         dirs["tokenizer"],
         dirs["pretrained"],
         validated,
+        validated,  # the labels stage's training rows: all of them
         dirs["finetuned"],
         root / "ft-live",
         root / "ft.json",

@@ -32,7 +32,7 @@ def _params(repo_params_raw: dict, **dotted: Any) -> Params:
 
 def _teacher(params: Params, root: Path, validated: Path) -> None:
     shutil.copytree(validated, root / VALIDATED_DIR)
-    for stage in ("base", "tokenizer", "pretrain", "finetune"):
+    for stage in ("base", "labels", "tokenizer", "pretrain", "finetune"):
         run_stage(stage, params, root)
 
 
@@ -84,7 +84,13 @@ def test_a_distilled_student_is_evaluated_and_exported_when_chosen(
     run_stage("export", params, tmp_path)
     metrics = Metrics.read(tmp_path / METRICS)
     assert metrics.distillation == report
+    # The labels stage ran first: the test rows it flagged are named, with both accuracies.
+    found = metrics.label_issues
+    assert found is not None and found.policy == "report" and found.dropped_train_rows == 0
+    assert 0 < found.test_flagged < metrics.test_rows
+    assert found.accuracy_all == pytest.approx(metrics.model.accuracy, abs=1e-4)
     card = (tmp_path / "reports" / "model_card.md").read_text("utf-8")
+    assert "- label issues:" in card
     assert "- distillation: a 1-layer student of the 2-layer teacher" in card
     # The export is the served model's graph: its logits are that model's, not the other's.
     served = STUDENT_DIR if report.served == "student" else FINETUNED_DIR

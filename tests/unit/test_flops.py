@@ -263,6 +263,7 @@ def test_both_stages_report_mfu_where_a_peak_is_known(
         tokenizer_dir,
         tmp_path / "pretrained",
         tiny_validated,
+        tiny_validated,  # the labels stage's training rows: all of them
         tmp_path / "finetuned",
         tmp_path / "ft-live",
         tmp_path / "ft.json",

@@ -33,7 +33,7 @@ def _params(repo_params_raw: dict, **dotted: Any) -> Params:
 def _stages(params: Params, root: Path, validated: Path, *names: str) -> None:
     if not (root / VALIDATED_DIR).exists():
         shutil.copytree(validated, root / VALIDATED_DIR)
-    for name in ("base", *names):
+    for name in ("base", "labels", *names):
         run_stage(name, params, root)
 
 
@@ -102,6 +102,7 @@ def test_finetune_a_third_party_checkpoint_directly(
     # The validated data was copied in: only the stages run here have a cost record.
     assert list(metrics["cost"]["stages"]) == [
         "base",
+        "labels",
         "tokenizer",
         "pretrain",
         "finetune",

@@ -171,6 +171,7 @@ def test_finetune_and_evaluate_against_the_baseline(
         tokenizer_dir,
         tmp_path / "pretrained",
         tiny_validated,
+        tiny_validated,  # the labels stage's training rows: all of them
         tmp_path / "finetuned",
         tmp_path / "ft-live",
         tmp_path / "ft.json",
@@ -205,6 +206,7 @@ def test_finetune_and_evaluate_against_the_baseline(
         params.model,
         tmp_path / "finetuned",
         tokenizer_dir,
+        tiny_validated,
         tiny_validated,
         tmp_path / "metrics.json",
         tmp_path / "plots",
@@ -366,6 +368,8 @@ def test_pretrain_and_finetune_run_data_parallel_under_torchrun(
     raw["pretrain"].update({"steps": 30, "checkpoint_every": 10})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
     shutil.copytree(tiny_validated, tmp_path / "data" / "validated")
+    # What the labels stage keeps under data.label_issues: report: every training row.
+    shutil.copytree(tiny_validated, tmp_path / "data" / "labels")
     shutil.copytree(tokenizer_dir, tmp_path / "models" / "tokenizer")
     without_base(tmp_path)
     for stage in ("pretrain", "finetune"):
