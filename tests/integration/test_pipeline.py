@@ -77,6 +77,7 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
         "base",
         "ingest",
         "validate",
+        "labels",
         "tokenizer",
         "pretrain",
         "finetune",
@@ -91,6 +92,11 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project: Path) -> None:
     # What the personal-data check found and did (validation.pii), on the card and so on
     # the model page.
     assert "- Personal data (validation.pii: redact): " in card
+    # The labels stage's verdict: a DVC metric, on the card, and its page beside Data Docs.
+    found = workspace["reports/labels.json"]["data"]
+    assert found["policy"] == "report" and found["dropped_train_rows"] == 0
+    assert "- label issues: " in card and "unflagged test rows" in card
+    assert (project / "reports" / "labels" / "index.html").is_file()
     plots = json.loads(_dvc(project, "plots", "show", "--json").stdout)["data"]
     assert {
         "reports/plots/confusion.json",
@@ -119,6 +125,10 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
     # An http link to `lmops serve` (a browser blocks file:// links from Prefect's UI).
     assert "http://127.0.0.1:8000/reports/validation/index.html" in artifact["data"]
     assert "skipped (up to date)" in artifact["data"]
+    assert "labels     train " in result.stdout and "none dropped" in result.stdout
+    labels = latest_artifact(prefect_server["api_url"], "label-issues")
+    assert "| split | given label | suggested |" in labels["data"]
+    assert "http://127.0.0.1:8000/reports/labels/" in labels["data"]
     evaluation = latest_artifact(prefect_server["api_url"], "evaluation")
     assert "| accuracy |" in evaluation["data"] and "Gates:" in evaluation["data"]
 

@@ -275,6 +275,13 @@ def test_model_pages_show_every_version_offline(
         assert training["wall_seconds"] > 0 and f"{training['cpu_seconds']:,.1f} CPU-s" in dom
         assert "| stage | wall s | CPU s |" not in dom and "peak memory MB" in dom  # the card's
         assert "accuracy vs prod" in dom
+        # Accuracy on every test row and on the rows the labels stage did not flag.
+        found = metrics.label_issues
+        assert found is not None and "Label issues (test)" in dom
+        assert f"{found.test_flagged:,} test rows are flagged" in dom
+        assert f"{found.accuracy_unflagged:.4f}" in dom
+        issues = page.open(f"{base}/reports/labels/", "document.querySelector('table')")
+        assert "Label issues" in issues and "data.label_issues: report" in issues
         assert "Most confident mistakes, explained" in dom and "Deletion test on" in dom
         assert "confusion.png" in dom and "Model card" in dom
         assert "No drift check has run here yet" in dom
