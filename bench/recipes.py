@@ -1,8 +1,8 @@
-"""Which training recipe should a profile take? Each candidate runs the real stages
-(base, tokenizer, pretrain, finetune, evaluate) on several split seeds of the same data,
-beside the TF-IDF + LR baseline on the same splits; reports/bench/recipes.json (the default,
-English) or recipes-zh.json (--zh, Chinese) gets every run and the mean and standard
-deviation per recipe.
+"""Which training recipe should a profile take? Each candidate runs the real stages (base,
+labels, tokenizer, pretrain, finetune, distill, evaluate) on several split seeds of the same
+data, beside the TF-IDF + LR baseline on the same splits; reports/bench/recipes.json (the
+default, English) or recipes-zh.json (--zh, Chinese) gets every run and the mean and
+standard deviation per recipe.
 
 Recipes are chosen on validation accuracy; test accuracy is reported, never used to choose.
 
@@ -29,11 +29,13 @@ from typing import Any
 
 import pandas as pd
 
-from lmops.artifacts import Metrics
+from lmops.artifacts import LabelIssuesReport, Metrics
 from lmops.config import override, parse_params, profile_overrides, read_raw
 from lmops.stages import (
     FINETUNE_METRICS,
     FINETUNED_DIR,
+    LABELS_DIR,
+    LABELS_METRICS,
     METRICS,
     PRETRAIN_LIVE,
     PRETRAIN_METRICS,
@@ -81,6 +83,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "distill.enabled": True,
         "distill.max_accuracy_gap": 1.0,
     },
+    # The labels stage's drop_train: the rows confident learning flags leave train (val and
+    # test keep every row); the baseline learns from the same kept rows.
+    "cpu-demo, drop_train": {**DEFAULT, "data.label_issues": "drop_train"},
     # From random weights (the zh recipe on the English data): what the base is worth.
     "from scratch (the zh recipe)": {**ZH, **ENGLISH},
     "from scratch + pretraining (TAPT, 400 steps)": {
@@ -113,6 +118,8 @@ ZH_CANDIDATES: dict[str, dict[str, Any]] = {
     "zh, no input n-grams": {**ZH, "model.input_ngram_order": 0},
     # Byte-pair tokens (frequent Chinese words become one token) instead of characters.
     "zh, BPE tokens": {**ZH, "tokenizer.kind": "bpe"},
+    # The labels stage's drop_train (see the default candidates).
+    "zh, drop_train": {**ZH, "data.label_issues": "drop_train"},
     # Pretraining on the news corpus as well as the training texts.
     "zh + pretraining on corpus and train": {
         **ZH,
@@ -134,11 +141,12 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _baseline_val_accuracy(params: Any, validated: Path) -> float:
+def _baseline_val_accuracy(params: Any, root: Path) -> float:
+    """The baseline on validation, learning from the rows the labels stage kept."""
     from lmops.baseline import baseline_proba
 
-    train = pd.read_parquet(validated / "train.parquet")
-    val = pd.read_parquet(validated / "val.parquet")
+    train = pd.read_parquet(root / LABELS_DIR / "train.parquet")
+    val = pd.read_parquet(root / VALIDATED_DIR / "val.parquet")
     labels = sorted(train["label"].unique())
     probs = baseline_proba(params.evaluate, train, val["text"].tolist(), labels)
     return float((probs.argmax(1) == val["label"].map(labels.index).to_numpy()).mean())
@@ -183,7 +191,8 @@ def run_recipe(
     metrics, finetune = Metrics.read(root / METRICS), _read(root / FINETUNE_METRICS)
     common = {
         "split_seed": seed,
-        "baseline_val_accuracy": round(_baseline_val_accuracy(params, validated), 5),
+        "baseline_val_accuracy": round(_baseline_val_accuracy(params, root), 5),
+        "dropped_train_rows": LabelIssuesReport.read(root / LABELS_METRICS).dropped_train_rows,
         "baseline_test_accuracy": metrics.baseline.accuracy,
         "seconds": seconds,
         "total_seconds": round(sum(seconds.values()), 1),

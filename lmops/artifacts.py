@@ -281,7 +281,7 @@ class LabelIssuesReport(_Artifact):
         )
 
 
-class TestLabelIssues(_Artifact):
+class LabelIssuesOnTest(_Artifact):
     """The model and the baseline on every test row and on the rows not flagged."""
 
     policy: Literal["report", "drop_train"]
@@ -725,7 +725,7 @@ class Metrics(_Artifact):
     # Which model these figures are of, the fine-tuned teacher or its distilled student.
     distillation: DistillReport | None = None
     # Accuracy on the test rows the labels stage did not flag, beside all rows.
-    label_issues: TestLabelIssues | None = None
+    label_issues: LabelIssuesOnTest | None = None
     seconds: float
 
     def table(self) -> list[str]:

@@ -145,11 +145,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     metrics = Metrics.model_validate(result["metrics"])
     typer.echo(metrics.markdown())
     if not metrics.gates.beats_baseline.passed and not metrics.gates.beats_baseline.relaxed:
-        typer.echo("\n" + _why_not_prod(labelled.spec))
+        typer.echo("\n" + _why_not_prod(labelled.spec, metrics.label_issues))
 
 
-def _why_not_prod(spec: str) -> str:
-    """One paragraph for a run that ends with no model in prod because the baseline won."""
+def _why_not_prod(spec: str, label_issues: Any = None) -> str:
+    """One paragraph for a run that ends with no model in prod because the baseline won,
+    with what the labels stage found on test when it checked it."""
     from lmops.sources import BUILTINS
 
     builtin = BUILTINS.get(spec.removeprefix("builtin:"))
@@ -162,6 +163,13 @@ def _why_not_prod(spec: str) -> str:
             if known
             else "A pretrained base (model.init_from), more data or more compute may change "
             "that; bench/recipes.py compares recipes on validation over split seeds. "
+        )
+        + (
+            f"The labels stage flags {label_issues.test_flagged:,} test rows as likely "
+            f"mislabelled; on the others the model scores {label_issues.accuracy_unflagged:.4f} "
+            f"and the baseline {label_issues.baseline_accuracy_unflagged:.4f} (lmops labels). "
+            if label_issues is not None
+            else ""
         )
         + "The model is registered all the same (lmops models), and make serve serves this "
         "run's export."

@@ -25,13 +25,13 @@ from lmops.artifacts import (
     DataManifest,
     DistillReport,
     Gates,
+    LabelIssuesOnTest,
     LabelIssuesReport,
     Metrics,
     PairedComparison,
     SliceMetrics,
     StageCost,
     StageRun,
-    TestLabelIssues,
     ThresholdGate,
     TrainingCost,
 )
@@ -419,7 +419,7 @@ def _test_label_issues(
     targets: np.ndarray,
     predicted: np.ndarray,
     baseline_predicted: np.ndarray,
-) -> TestLabelIssues | None:
+) -> LabelIssuesOnTest | None:
     """Accuracy on every test row and on the rows the labels stage did not flag: how much
     of the remaining error may be the labels' (None when test was not checked)."""
     if report_path is None or not report_path.is_file():
@@ -433,7 +433,7 @@ def _test_label_issues(
     clean = np.ones(len(targets), dtype=bool)
     clean[flagged] = False
     right, baseline_right = predicted == targets, baseline_predicted == targets
-    return TestLabelIssues(
+    return LabelIssuesOnTest(
         policy=report.policy,
         test_flagged=int((~clean).sum()),
         accuracy_all=round(float(right.mean()), 5),
