@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -434,7 +435,7 @@ def read_raw(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no {PARAMS_FILE} in {root} (run lmops from the project root)")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
@@ -474,13 +475,29 @@ def override(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `5e-5` and `1e4` are strings; people write floats so
+    (and YAML 1.2 reads them as such), in params, profiles and --set alike."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no arbitrary objects
+
+
 def parse_set(expr: str) -> tuple[str, Any]:
     """`data.split.seed=3` -> ("data.split.seed", 3); the value is read as YAML."""
     key, sep, text = expr.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {expr!r}: expected key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     return key.strip(), value
@@ -492,7 +509,7 @@ def _read_profile(root: Path, name: str) -> dict[str, Any]:
         known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r} (known: {', '.join(known) or 'none'})")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):

@@ -76,6 +76,11 @@ def test_init_from_without_fine_tuning_from_it_is_refused(repo_params_raw: dict)
 def test_set_values_are_read_as_yaml() -> None:
     assert parse_set("data.split.seed=3") == ("data.split.seed", 3)
     assert parse_set("data.max_rows=null") == ("data.max_rows", None)
+    # Floats as people write them (YAML 1.1 would read these as strings); quoted stays text.
+    assert parse_set("finetune.learning_rate=5e-5") == ("finetune.learning_rate", 5e-5)
+    assert parse_set("pretrain.learning_rate=1E+3") == ("pretrain.learning_rate", 1000.0)
+    assert parse_set("finetune.learning_rate=.5e-1") == ("finetune.learning_rate", 0.05)
+    assert parse_set("data.source='5e-5'") == ("data.source", "5e-5")
     assert parse_set("data.source=builtin:zh-reviews") == ("data.source", "builtin:zh-reviews")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_set("data.split.seed")
