@@ -299,16 +299,19 @@ def main() -> None:
     parser.add_argument(
         "--merge", type=Path, nargs="+", help="combine the runs of several result files into --out"
     )
+    parser.add_argument("--note", help="with --merge: how and when the added runs were made")
     args = parser.parse_args()
     out = args.out or (OUT_ZH if args.zh else OUT)
     if args.merge:
         parts = [json.loads(path.read_text(encoding="utf-8")) for path in args.merge]
         runs = [run for part in parts for run in part["runs"]]
+        notes = [part["note"] for part in parts if part.get("note")] + [args.note or ""]
         result = {
             "seeds": sorted({r["split_seed"] for r in runs}),
             "candidates": {k: v for part in parts for k, v in part["candidates"].items()},
             "runs": runs,
             "summary": summarise(runs),
+            "note": " | ".join(note for note in notes if note),
         }
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
         print(markdown(result))
