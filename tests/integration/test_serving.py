@@ -353,7 +353,8 @@ def test_require_gpu_refuses_to_start_without_cuda(workspace: Path, engine: Engi
 def test_serving_code_imports_no_heavy_library() -> None:
     probe = (
         "import sys, lmops.cli, lmops.serving.app, lmops.engine; "
-        "print(sorted({'torch', 'transformers', 'great_expectations', 'evidently'} "
+        "print(sorted({'torch', 'transformers', 'great_expectations', 'evidently', 'cleanlab', "
+        "'sklearn'} "
         "& set(sys.modules)))"
     )
     result = subprocess.run(
