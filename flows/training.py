@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from lmops import registry
-from lmops.artifacts import DataManifest, ExportManifest, LabelIssuesReport, Metrics
+from lmops import experiments, registry
+from lmops.artifacts import DataManifest, ExportManifest, LabelIssuesReport, Metrics, RunRecord
 from lmops.config import (
     OrchestrationConfig,
     apply_overrides,
@@ -294,50 +295,117 @@ def _train_locked(
     overrides: list[str] | None,
     promote: bool,
 ) -> dict[str, Any] | State:
-    logger = get_run_logger()
+    """The run under the workspace lock, saved at its end as a DVC experiment whether it
+    completed or failed (lmops/experiments.py)."""
     who = actor(None)
     with workspace_lock(root, orchestration.lock_timeout_minutes, who):
-        _, changed = apply_overrides(root, wanted)
-        if changed:
-            logger.info("params.yaml changed: %s", changed)
-        # A stage that fails on its own returns a Failed state (not an exception): never
-        # retried. Its timeout is the stage's own (killed in _run_streaming), plus slack.
-        reproduce = reproduce_stage.with_options(
-            **task_options(orchestration, orchestration.stage_timeout_minutes + 1)
-        )
-        stages = []
-        for stage in STAGES:
-            state = reproduce(
-                stage, str(root), orchestration.stage_timeout_minutes * 60, return_state=True
+        started = datetime.now(UTC)
+        commit = registry.head_commit(root)
+        failed_stage: list[str] = []
+        try:
+            outcome = _train(
+                root, wanted, orchestration, profile, overrides, promote, who, failed_stage
             )
-            if state.is_failed():
-                return Failed(message=state.message)
-            stages.append(state.result())
-        pages_url = parse_params(read_raw(root)).serve.pages_url
-        result = _publish(root, stages, pages_url)
-        if not registry.is_git_repo(root):
-            logger.warning("%s is not a git repository: the model is not registered", root)
-            return {**result, "registered": None, "promotion": None}
-        metrics = Metrics.model_validate(result["metrics"]).model
-        registered = register_model.with_options(
-            **task_options(orchestration, orchestration.task_timeout_minutes)
-        )(
-            str(root),
-            who,
-            f"profile {profile or '-'}, overrides {overrides or []}; test accuracy "
-            f"{metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}",
+        except LmopsError as err:
+            _record(root, started, commit, profile, overrides, failed_stage, str(err))
+            raise
+        error = outcome.message if isinstance(outcome, State) else None
+        experiment = _record(
+            root, started, commit, profile, overrides, failed_stage, error, outcome
         )
-        promoted = None
-        if promote:
-            promotion_state = promotion(registered["version"], str(root), return_state=True)
-            if promotion_state.is_failed():
-                return Failed(message=f"promotion failed: {promotion_state.message}")
-            promoted = promotion_state.result()
-        create_markdown_artifact(
-            key="registry",
-            markdown=_registry_markdown(root, registered, promoted, pages_url),
-            description="The registered version and where the stages point",
+    if isinstance(outcome, dict):
+        outcome["experiment"] = experiment
+    return outcome
+
+
+def _record(
+    root: Path,
+    started: datetime,
+    commit: str | None,
+    profile: str | None,
+    overrides: list[str] | None,
+    failed_stage: list[str],
+    error: str | None,
+    outcome: dict[str, Any] | State | None = None,
+) -> str | None:
+    from prefect.runtime import flow_run
+
+    registered = outcome.get("registered") if isinstance(outcome, dict) else None
+    promoted = outcome.get("promotion") if isinstance(outcome, dict) else None
+    iso = started.isoformat(timespec="seconds")
+    return experiments.record(
+        root,
+        RunRecord(
+            name=experiments.experiment_name(flow_run.name, iso),
+            status="failed" if error is not None else "completed",
+            flow_run_id=str(flow_run.id) if flow_run.id else None,
+            git_commit=commit,
+            started=iso,
+            wall_seconds=round((datetime.now(UTC) - started).total_seconds(), 1),
+            profile=profile,
+            overrides=overrides or [],
+            failed_stage=failed_stage[0] if failed_stage else None,
+            error=error,
+            version=registered["version"] if registered else None,
+            promoted=bool(promoted["promoted"]) if promoted else None,
+        ),
+    )
+
+
+def _train(
+    root: Path,
+    wanted: dict[str, Any],
+    orchestration: OrchestrationConfig,
+    profile: str | None,
+    overrides: list[str] | None,
+    promote: bool,
+    who: str,
+    failed_stage: list[str],
+) -> dict[str, Any] | State:
+    logger = get_run_logger()
+    _, changed = apply_overrides(root, wanted)
+    if changed:
+        logger.info("params.yaml changed: %s", changed)
+    # A stage that fails on its own returns a Failed state (not an exception): never
+    # retried. Its timeout is the stage's own (killed in _run_streaming), plus slack.
+    reproduce = reproduce_stage.with_options(
+        **task_options(orchestration, orchestration.stage_timeout_minutes + 1)
+    )
+    stages = []
+    for stage in STAGES:
+        state = reproduce(
+            stage, str(root), orchestration.stage_timeout_minutes * 60, return_state=True
         )
+        if state.is_failed():
+            failed_stage.append(stage)
+            return Failed(message=state.message)
+        stages.append(state.result())
+    pages_url = parse_params(read_raw(root)).serve.pages_url
+    result = _publish(root, stages, pages_url)
+    if not registry.is_git_repo(root):
+        logger.warning("%s is not a git repository: the model is not registered", root)
+        return {**result, "registered": None, "promotion": None}
+    metrics = Metrics.model_validate(result["metrics"]).model
+    registered = register_model.with_options(
+        **task_options(orchestration, orchestration.task_timeout_minutes)
+    )(
+        str(root),
+        who,
+        f"profile {profile or '-'}, overrides {overrides or []}; test accuracy "
+        f"{metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}",
+    )
+    promoted = None
+    if promote:
+        promotion_state = promotion(registered["version"], str(root), return_state=True)
+        if promotion_state.is_failed():
+            failed_stage.append("promotion")
+            return Failed(message=f"promotion failed: {promotion_state.message}")
+        promoted = promotion_state.result()
+    create_markdown_artifact(
+        key="registry",
+        markdown=_registry_markdown(root, registered, promoted, pages_url),
+        description="The registered version and where the stages point",
+    )
     return {**result, "registered": registered, "promotion": promoted}
 
 

@@ -783,6 +783,29 @@ def key_figures(metrics: Metrics | None) -> dict[str, Any]:
     }
 
 
+# -- reports/run.json: one training run, saved with it as a DVC experiment (lmops/experiments.py)
+
+
+class RunRecord(_Artifact):
+    """What a training run was and how it ended; `dvc exp show` lists its fields."""
+
+    FILE: ClassVar[str] = "reports/run.json"
+
+    name: str
+    status: Literal["completed", "failed"]
+    flow_run_id: str | None = None
+    git_commit: str | None = None  # HEAD when the run started
+    started: str  # ISO 8601, UTC
+    wall_seconds: float
+    profile: str | None = None
+    overrides: list[str] = []
+    failed_stage: str | None = None
+    error: str | None = None
+    version: str | None = None  # the registered version
+    promoted: bool | None = None
+    experiment: str | None = None  # in reports/runs.jsonl: the DVC experiment, if saved
+
+
 # -- the promotion record: the message of each registry tag (lmops/registry.py) ----------
 
 

@@ -141,6 +141,8 @@ def _print_summary(result: dict[str, Any]) -> None:
                 "  serve      this model is not in prod: make serve serves models/onnx/ (this "
                 "run's export); lmops serve --stage prod serves prod, if there is one"
             )
+    if result.get("experiment"):
+        typer.echo(f"  experiment {result['experiment']} (dvc exp show)")
     typer.echo("")
     metrics = Metrics.model_validate(result["metrics"])
     typer.echo(metrics.markdown())

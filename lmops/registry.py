@@ -45,6 +45,12 @@ def is_git_repo(root: Path) -> bool:
     return _git(root, "rev-parse", "--is-inside-work-tree", check=False).returncode == 0
 
 
+def head_commit(root: Path) -> str | None:
+    """The commit checked out in `root`, or None outside git (or before a first commit)."""
+    result = _git(root, "rev-parse", "HEAD", check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def _configured(root: Path, key: str) -> str | None:
     value = _git(root, "config", key, check=False).stdout.strip()
     return value or None

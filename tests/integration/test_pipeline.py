@@ -126,11 +126,32 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
     assert "http://127.0.0.1:8000/reports/validation/index.html" in artifact["data"]
     assert "skipped (up to date)" in artifact["data"]
     assert "labels     train " in result.stdout and "none dropped" in result.stdout
+    # The run is a DVC experiment, named in the summary, with how it went.
+    (name,) = _experiments(project)
+    assert f"experiment {name} (dvc exp show)" in result.stdout
+    run = _experiments(project)[name]["run"]
+    assert run["status"] == "completed" and run["profile"] == "tiny" and run["version"]
+    assert run["flow_run_id"] and run["wall_seconds"] > 0 and "failed_stage" not in run
     labels = latest_artifact(prefect_server["api_url"], "label-issues")
     assert "| split | given label | suggested |" in labels["data"]
     assert "http://127.0.0.1:8000/reports/labels/" in labels["data"]
     evaluation = latest_artifact(prefect_server["api_url"], "evaluation")
     assert "| accuracy |" in evaluation["data"] and "Gates:" in evaluation["data"]
+
+
+def _experiments(project: Path) -> dict[str, dict[str, Any]]:
+    """Every DVC experiment in the project (all baselines): its run record and params."""
+    shown = json.loads(_dvc(project, "exp", "show", "--all-commits", "--json").stdout)
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = {
+                    "run": data["metrics"]["reports/run.json"]["data"],
+                    "params": data["params"]["params.yaml"]["data"],
+                }
+    return found
 
 
 def test_repro_after_flow_does_no_work(project: Path, prefect_server: dict[str, Any]) -> None:
@@ -142,6 +163,12 @@ def test_repro_after_flow_does_no_work(project: Path, prefect_server: dict[str, 
         assert f"{stage:<10} ran" in result.stdout
     assert UP_TO_DATE in _dvc(project, "status").stdout
     _assert_all_skipped(_dvc(project, "repro").stdout)
+    # Two runs, two experiments, each with its own params: `dvc exp diff` compares them.
+    runs = _experiments(project)
+    assert sorted(r["params"]["data"]["split"]["seed"] for r in runs.values()) == [0, 1]
+    first, second = sorted(runs)
+    diff = json.loads(_dvc(project, "exp", "diff", first, second, "--json").stdout)
+    assert diff["params"]["params.yaml"]["data.split.seed"] == {"old": 0, "new": 1, "diff": 1}
 
 
 def test_failing_validation_quarantines_and_keeps_validated_data(
@@ -155,6 +182,15 @@ def test_failing_validation_quarantines_and_keeps_validated_data(
     assert "Traceback" not in result.stderr
     assert tree_digest(project / "data" / "validated") == validated_before
     assert len(list((project / "data" / "quarantine").iterdir())) == 1
+    # A failed run is recorded too, with the stage and the error: in reports/runs.jsonl
+    # beside the completed ones (DVC cannot save a workspace whose stage outputs are gone).
+    log = (project / "reports" / "runs.jsonl").read_text("utf-8")
+    runs = [json.loads(line) for line in log.splitlines()]
+    assert [r["status"] for r in runs] == ["completed", "completed", "failed"]
+    assert [r.get("experiment") for r in runs[:2]] == sorted(_experiments(project))
+    assert runs[2]["failed_stage"] == "validate" and "experiment" not in runs[2]
+    assert "expect_table_row_count_to_be_between" in runs[2]["error"]
+    assert runs[2]["overrides"] == ["validation.min_class_share=0.6"]
 
     repro = _dvc(project, "repro", check=False)
     assert repro.returncode != 0
