@@ -253,7 +253,10 @@ def _label_issues(found: Any) -> str:
         f"<h3>Label issues (test)</h3><p>{found.test_flagged:,} test rows are flagged as "
         'likely mislabelled (<a href="../reports/labels/">label issues</a>); '
         f"{found.dropped_train_rows:,} flagged training rows were dropped "
-        f"(<code>data.label_issues: {escape(found.policy)}</code>).</p>"
+        f"(<code>data.label_issues: {escape(found.policy)}</code>). The finder's "
+        "probabilities are the baseline's, so the unflagged rows lean towards rows the "
+        "baseline gets right: this says how much error sits on doubtful labels, not which "
+        "model is better.</p>"
         "<table><tr><th>test accuracy</th><th class=n>this version</th>"
         "<th class=n>TF-IDF + LR baseline</th></tr>"
         f"<tr><th>all test rows</th><td class=n>{found.accuracy_all:.4f}</td>"
