@@ -295,8 +295,9 @@ def _train_locked(
     overrides: list[str] | None,
     promote: bool,
 ) -> dict[str, Any] | State:
-    """The run under the workspace lock, saved at its end as a DVC experiment whether it
-    completed or failed (lmops/experiments.py)."""
+    """The run under the workspace lock, recorded at its end whether it completed (a DVC
+    experiment) or failed (reports/runs.jsonl, with the stage and the error):
+    lmops/experiments.py."""
     who = actor(None)
     with workspace_lock(root, orchestration.lock_timeout_minutes, who):
         started = datetime.now(UTC)
