@@ -617,18 +617,18 @@ def labels_command(
             if check.checked
             else f"  {check.split:<5} not checked: {check.why_unchecked}"
         )
-    table = review_table(root / VALIDATED_DIR, root / LABELS_DIR, every_row=False)
-    shown = table if split is None else table[table["split"] == split]
-    for row in shown.head(top).itertuples():
+    # One read: the flagged rows first, every other row after them with --with-source.
+    every_row = export is not None and with_source
+    table = review_table(root / VALIDATED_DIR, root / LABELS_DIR, every_row=every_row)
+    if split is not None:
+        table = table[table["split"] == split]
+    for row in table[table["given_label"].notna()].head(top).itertuples():
         text = row.text if len(row.text) <= 100 else row.text[:99] + "…"
         typer.echo(
             f"  {row.split}#{row.row}: {row.given_label} -> {row.suggested_label} "
             f"({row.confidence:.2f}): {text}"
         )
     if export is not None:
-        table = review_table(root / VALIDATED_DIR, root / LABELS_DIR, every_row=with_source)
-        if split is not None:
-            table = table[table["split"] == split]
         export.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(export, index=False)
         flagged = int(table["given_label"].notna().sum())

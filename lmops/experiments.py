@@ -51,11 +51,18 @@ def record(root: Path, run: RunRecord) -> str | None:
     append the run to reports/runs.jsonl. Returns the experiment's name, or None where there
     is none (a failed run, not a DVC project in git, or DVC's own error, logged): recording
     never fails the run it records."""
-    run.write(root / RUN_RECORD)
+    try:
+        run.write(root / RUN_RECORD)
+    except OSError as err:  # a full or read-only disk: said, and the run's own result stands
+        log.warning("run %s not recorded: %s", run.name, err)
+        return None
     saved = _save(root, run) if run.status == "completed" else None
     entry = run.model_copy(update={"experiment": saved}) if saved else run
-    with (root / RUN_LOG).open("a", encoding="utf-8") as runs:
-        runs.write(entry.model_dump_json(exclude_none=True) + "\n")
+    try:
+        with (root / RUN_LOG).open("a", encoding="utf-8") as runs:
+            runs.write(entry.model_dump_json(exclude_none=True) + "\n")
+    except OSError as err:
+        log.warning("run %s not appended to %s: %s", run.name, RUN_LOG, err)
     return saved
 
 
