@@ -234,6 +234,22 @@ def register_model(project_dir: str, by: str, summary: str) -> dict[str, Any]:
     return {"version": version, "new": new}
 
 
+@flow(name="register-experiment")
+def register_experiment(experiment: str, project_dir: str = ".", by: str | None = None) -> str:
+    """Register a saved experiment (a sweep's point, or any earlier run) as a new version:
+    its params, dvc.lock and outputs go back into the workspace and are committed and
+    tagged as `lmops run` does. Returns the version, for the promotion gates."""
+    root = Path(project_dir).resolve()
+    who = actor(by)
+    orchestration = load_params(root).orchestration
+    with workspace_lock(root, orchestration.lock_timeout_minutes, who):
+        run = experiments.apply(root, experiment)
+        registered = register_model.with_options(
+            **task_options(orchestration, orchestration.task_timeout_minutes)
+        )(str(root), who, f"experiment {experiment} ({run.sweep or 'lmops run'}, {run.config})")
+    return registered["version"]
+
+
 def _registry_markdown(
     root: Path, registered: dict[str, Any], promoted: dict | None, pages_url: str
 ) -> str:
@@ -273,16 +289,20 @@ def training(
     overrides: list[str] | None = None,
     project_dir: str = ".",
     promote: bool = True,
+    sweep_point: dict[str, Any] | None = None,
 ) -> dict[str, Any] | State:
     """Apply the profile and overrides to params.yaml, reproduce every stage in order, then
-    register the model and run the promotion gates. One run at a time per workspace."""
+    register the model and run the promotion gates. One run at a time per workspace.
+
+    `sweep_point` ({"sweep": name, "config": {...}, "seed": n}): the run is a point of
+    `lmops sweep`, recorded as such and neither registered nor promoted."""
     root = Path(project_dir).resolve()
     wanted = resolve_overrides(root, profile, overrides or [])
     # This run's own settings decide how long it waits; params.yaml is written only once
     # the lock is held, so a waiting run never changes what the running one reads.
     orchestration = parse_params(override(read_raw(root), wanted)).orchestration
     try:
-        return _train_locked(root, wanted, orchestration, profile, overrides, promote)
+        return _train_locked(root, wanted, orchestration, profile, overrides, promote, sweep_point)
     except LmopsError as err:  # the lock, git, the registry: the user's to fix, no traceback
         return Failed(message=str(err))
 
@@ -294,6 +314,7 @@ def _train_locked(
     profile: str | None,
     overrides: list[str] | None,
     promote: bool,
+    sweep_point: dict[str, Any] | None = None,
 ) -> dict[str, Any] | State:
     """The run under the workspace lock, recorded at its end whether it completed (a DVC
     experiment) or failed (reports/runs.jsonl, with the stage and the error):
@@ -303,17 +324,23 @@ def _train_locked(
         started = datetime.now(UTC)
         commit = registry.head_commit(root)
         failed_stage: list[str] = []
+        run = {"profile": profile, "overrides": overrides or [], **(sweep_point or {})}
         try:
             outcome = _train(
-                root, wanted, orchestration, profile, overrides, promote, who, failed_stage
+                root,
+                wanted,
+                orchestration,
+                (profile, overrides),
+                promote=promote and sweep_point is None,
+                register=sweep_point is None,
+                who=who,
+                failed_stage=failed_stage,
             )
         except LmopsError as err:
-            _record(root, started, commit, profile, overrides, failed_stage, str(err))
+            _record(root, started, commit, run, failed_stage, str(err))
             raise
         error = outcome.message if isinstance(outcome, State) else None
-        experiment = _record(
-            root, started, commit, profile, overrides, failed_stage, error, outcome
-        )
+        experiment = _record(root, started, commit, run, failed_stage, error, outcome)
     if isinstance(outcome, dict):
         outcome["experiment"] = experiment
     return outcome
@@ -323,17 +350,23 @@ def _record(
     root: Path,
     started: datetime,
     commit: str | None,
-    profile: str | None,
-    overrides: list[str] | None,
+    run: dict[str, Any],
     failed_stage: list[str],
     error: str | None,
     outcome: dict[str, Any] | State | None = None,
 ) -> str | None:
+    """`run`: the profile, the overrides and, for a sweep's point, its sweep, config, seed."""
     from prefect.runtime import flow_run
 
     registered = outcome.get("registered") if isinstance(outcome, dict) else None
     promoted = outcome.get("promotion") if isinstance(outcome, dict) else None
     iso = started.isoformat(timespec="seconds")
+    metrics: dict[str, dict[str, float]] = {}
+    if error is None:
+        try:
+            metrics = experiments.run_metrics(root, list(STAGES))
+        except (OSError, ValueError, KeyError) as err:  # a report missing: the run stands
+            get_run_logger().warning("run metrics not recorded: %s", err)
     return experiments.record(
         root,
         RunRecord(
@@ -343,12 +376,12 @@ def _record(
             git_commit=commit,
             started=iso,
             wall_seconds=round((datetime.now(UTC) - started).total_seconds(), 1),
-            profile=profile,
-            overrides=overrides or [],
             failed_stage=failed_stage[0] if failed_stage else None,
             error=error,
             version=registered["version"] if registered else None,
             promoted=bool(promoted["promoted"]) if promoted else None,
+            metrics=metrics,
+            **run,
         ),
     )
 
@@ -357,12 +390,14 @@ def _train(
     root: Path,
     wanted: dict[str, Any],
     orchestration: OrchestrationConfig,
-    profile: str | None,
-    overrides: list[str] | None,
+    asked: tuple[str | None, list[str] | None],
     promote: bool,
+    register: bool,
     who: str,
     failed_stage: list[str],
 ) -> dict[str, Any] | State:
+    """`asked`: the profile and overrides as given (the registry commit's message)."""
+    profile, overrides = asked
     logger = get_run_logger()
     _, changed = apply_overrides(root, wanted)
     if changed:
@@ -383,6 +418,8 @@ def _train(
         stages.append(state.result())
     pages_url = parse_params(read_raw(root)).serve.pages_url
     result = _publish(root, stages, pages_url)
+    if not register:  # a sweep's point: an experiment, registered only when promoted
+        return {**result, "registered": None, "promotion": None}
     if not registry.is_git_repo(root):
         logger.warning("%s is not a git repository: the model is not registered", root)
         return {**result, "registered": None, "promotion": None}

@@ -86,6 +86,126 @@ def run(profile: ProfileOption = None, set_: SetOption = None) -> None:
     _print_summary(result)
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LmopsError(f"--seeds {text!r}: expected integers separated by commas") from None
+
+
+@app.command()
+@_user_errors
+def sweep(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="A grid axis, e.g. finetune.learning_rate=1e-4,5e-4 (repeatable; brackets "
+            "keep a list whole: pretrain.texts=[corpus],[corpus,train]).",
+        ),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Seeds each grid point runs with, e.g. 0,1,2.")
+    ] = None,
+    seed_key: Annotated[
+        str, typer.Option(help="The param the seeds go to (the split, by default).")
+    ] = "data.split.seed",
+    profile: ProfileOption = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="The sweep's name (default: one derived from its definition)."),
+    ] = None,
+    rank: Annotated[
+        str, typer.Option(help="The validation metric the report ranks on.")
+    ] = "val.accuracy",
+) -> None:
+    """Run a grid over params and seeds, one point after another, each a DVC experiment.
+
+    Resumable: the points of the same sweep that have an experiment are skipped, so a
+    killed sweep started again runs only the rest, and DVC's run cache shares every stage a
+    point leaves unchanged. The points are not registered (lmops promote --experiment).
+    """
+    from lmops import sweep as sweeps
+    from lmops.config import override, parse_params, read_raw, resolve_overrides
+
+    root = Path.cwd()
+    seed_list = _seeds(seeds)
+    points = sweeps.plan(set_ or [], seed_list)
+    raw = read_raw(root)
+    for point in points:  # every point's params are valid before anything runs
+        parse_params(override(raw, resolve_overrides(root, profile, point.sets(seed_key))))
+    name = name or sweeps.sweep_name(profile, set_ or [], seed_list, seed_key)
+    _log_to_console()
+    from lmops.flows.sweep import sweep as sweep_flow
+
+    result = _prefect_run(
+        lambda: sweep_flow(
+            name=name,
+            sets=set_ or [],
+            seeds=seed_list,
+            seed_key=seed_key,
+            profile=profile,
+            project_dir=str(root),
+        )
+    )
+    typer.echo(
+        f"sweep {name}: {result['points']} points, {result['done_before']} done before, "
+        f"{len(result['ran'])} ran, {len(result['failed'])} failed"
+    )
+    _show_experiments(root, name, rank, lower_is_better=False)
+    if result["failed"]:
+        failed = "; ".join(" ".join(sets) for sets in result["failed"])
+        raise LmopsError(f"sweep {name}: failed points (reports/runs.jsonl has why): {failed}")
+
+
+exp_app = typer.Typer(help="Experiments: every run, compared.", no_args_is_help=True)
+app.add_typer(exp_app, name="exp")
+
+
+@exp_app.command("show")
+@_user_errors
+def exp_show(
+    sweep_name: Annotated[
+        str | None, typer.Option("--sweep", help="Only this sweep's points.")
+    ] = None,
+    rank: Annotated[
+        str, typer.Option(help="The validation metric to rank on (val.accuracy, val.loss).")
+    ] = "val.accuracy",
+    lower_is_better: Annotated[
+        bool, typer.Option(help="Rank the lowest first (for a loss).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the groups, every metric's mean and std.")
+    ] = False,
+) -> None:
+    """Group the experiments by config, mean ± std over seeds, ranked on validation; test
+    figures for the chosen config only. Also writes reports/experiments/index.html."""
+    _show_experiments(Path.cwd(), sweep_name, rank, lower_is_better, as_json)
+
+
+def _show_experiments(
+    root: Path, sweep_name: str | None, rank: str, lower_is_better: bool, as_json: bool = False
+) -> None:
+    import json
+
+    from lmops import experiments
+
+    runs = [r for r in experiments.saved_runs(root) if sweep_name in (None, r.sweep)]
+    table = experiments.compare(runs, rank, lower_is_better)
+    title = f"experiments of {sweep_name}" if sweep_name else "experiments"
+    out = root / experiments.PAGE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(experiments.page(table, rank, title), encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps(table, indent=2))
+        return
+    typer.echo("\n".join(experiments.markdown(table, rank)))
+    typer.echo(f"\npage: {out.relative_to(root)} (lmops serve: /{experiments.PAGE.parent}/)")
+
+
 def _print_summary(result: dict[str, Any]) -> None:
     from lmops.artifacts import DataManifest, ExportManifest, Metrics
 
@@ -327,6 +447,13 @@ def promote(
     version: Annotated[
         str | None, typer.Argument(help="Version to promote (default: the newest registered).")
     ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="Register this DVC experiment (a sweep's point: lmops exp show) as a new "
+            "version first, then promote it."
+        ),
+    ] = None,
 ) -> None:
     """Run the promotion flow: VERSION against prod on the same test split; staging then
     prod when every gate passes. Exit code 1 when a gate fails (nothing changes then)."""
@@ -334,6 +461,16 @@ def promote(
     from lmops.flows.promotion import promotion
 
     _log_to_console()
+    if experiment is not None:
+        if version is not None:
+            raise LmopsError("give a VERSION or --experiment, not both")
+        from lmops.flows.training import register_experiment
+
+        by = registry.user_actor()
+        version = _prefect_run(
+            lambda: register_experiment(experiment, project_dir=str(Path.cwd()), by=by)
+        )
+        typer.echo(f"experiment {experiment} registered as {version}")
     result = _prefect_run(
         lambda: promotion(version=version, project_dir=str(Path.cwd()), by=registry.user_actor())
     )

@@ -21,6 +21,8 @@ VALIDATION_METRICS = Path("reports/validation.json")
 LABELS_DIR = Path("data/labels")
 LABELS_METRICS = Path("reports/labels.json")
 LABELS_PAGE_DIR = Path("reports/labels")
+# `lmops exp show`'s comparison page (not a stage's output: written on request).
+EXPERIMENTS_PAGE_DIR = Path("reports/experiments")
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_METRICS = Path("reports/tokenizer.json")
 PRETRAINED_DIR = Path("models/pretrained")

@@ -58,7 +58,7 @@ from lmops.serving.protocol import (
 from lmops.serving.stats import InferenceStats
 from lmops.serving.swap import Following, LiveModel, StageWatcher
 from lmops.serving.traffic import ShadowLog, TrafficLog
-from lmops.stages import LABELS_PAGE_DIR, VALIDATION_DOCS_DIR
+from lmops.stages import EXPERIMENTS_PAGE_DIR, LABELS_PAGE_DIR, VALIDATION_DOCS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -630,10 +630,11 @@ def create_app(
 
     # The reports the pages and the Prefect artifacts link to, over http (a browser blocks
     # file:// links from an http page): the validation's Data Docs, the label issues beside
-    # them, and the drift reports.
+    # them, the experiments compared (lmops exp show) and the drift reports.
     for url, folder in (
         ("/reports/validation", root / VALIDATION_DOCS_DIR),
         ("/reports/labels", root / LABELS_PAGE_DIR),
+        ("/reports/experiments", root / EXPERIMENTS_PAGE_DIR),
         ("/reports/drift", drift_dir),
     ):
         if folder is not None:

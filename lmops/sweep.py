@@ -1,0 +1,110 @@
+"""Sweeps: a grid over params and seeds, each point one training run saved as a DVC
+experiment with the sweep's name, the point's config and its seed (lmops/experiments.py).
+
+`--set finetune.learning_rate=1e-4,5e-4 --set model.layers=2,4 --seeds 0,1,2` is twelve
+points. They run one after another in the workspace, so DVC's run cache shares every stage
+whose inputs a point leaves unchanged (the tokenizer is trained once per tokenizer
+setting). A point whose experiment exists is done: a killed sweep, started again, runs only
+the rest. Points are never registered; `lmops promote --experiment NAME` takes one through
+the gates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmops.artifacts import RunRecord
+from lmops.config import PARAMS_FILE, parse_set
+from lmops.errors import ConfigError
+
+SWEEPS_DIR = Path("reports/sweeps")
+
+
+class Point(BaseModel):
+    config: dict[str, Any]  # grid key -> value
+    seed: int | None = None
+
+    def sets(self, seed_key: str) -> list[str]:
+        """The point as --set expressions (values as JSON, which YAML reads back as is)."""
+        seed = {} if self.seed is None else {seed_key: self.seed}
+        return [f"{key}={json.dumps(value)}" for key, value in {**self.config, **seed}.items()]
+
+    def same(self, run: RunRecord) -> bool:
+        return run.config == self.config and run.seed == self.seed
+
+
+def split_values(text: str) -> list[str]:
+    """`1e-4,5e-4` -> ["1e-4", "5e-4"]; commas inside brackets or quotes stay, so
+    `[corpus],[corpus,train]` is two lists."""
+    parts, current, depth, quote = [], "", 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    if quote or depth:
+        raise ConfigError(f"--set {text!r}: an unclosed quote or bracket")
+    return [*parts, current]
+
+
+def grid(sets: list[str]) -> dict[str, list[Any]]:
+    """`--set key=v1,v2` expressions -> {key: [v1, v2]}, each value read as --set reads it."""
+    axes: dict[str, list[Any]] = {}
+    for expr in sets:
+        key, sep, text = expr.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {expr!r}: expected key=value[,value...]")
+        axes[key.strip()] = [parse_set(f"{key}={part}")[1] for part in split_values(text)]
+    return axes
+
+
+def plan(sets: list[str], seeds: list[int] | None) -> list[Point]:
+    """Every grid point times every seed, in a fixed order (the seeds innermost)."""
+    axes = grid(sets)
+    configs = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return [Point(config=c, seed=s) for c in configs for s in (seeds or [None])]
+
+
+def sweep_name(profile: str | None, sets: list[str], seeds: list[int] | None, seed_key: str) -> str:
+    """The same definition always has the same name, so running it again resumes it."""
+    definition = json.dumps([profile, grid(sets), seeds, seed_key], sort_keys=True, default=str)
+    return "sweep-" + hashlib.sha256(definition.encode()).hexdigest()[:8]
+
+
+def pending(points: list[Point], name: str, runs: list[RunRecord]) -> list[Point]:
+    """The points of sweep `name` without a completed experiment."""
+    done = [run for run in runs if run.sweep == name and run.status == "completed"]
+    return [point for point in points if not any(point.same(run) for run in done)]
+
+
+def keep_params(root: Path, name: str) -> Path:
+    """params.yaml as it was when the sweep first started (kept across a kill), to be put
+    back when the sweep ends: the points' values are in their experiments, not left behind."""
+    kept = root / SWEEPS_DIR / name / PARAMS_FILE
+    if not kept.is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / PARAMS_FILE, kept)
+    return kept
+
+
+def restore_params(root: Path, kept: Path) -> None:
+    scratch = root / f".{PARAMS_FILE}.sweep"
+    shutil.copyfile(kept, scratch)
+    scratch.replace(root / PARAMS_FILE)
+    shutil.rmtree(kept.parent, ignore_errors=True)
