@@ -43,6 +43,7 @@ from lmops.stages import (
     TOKENIZER_DIR,
     VALIDATED_DIR,
 )
+from lmops.sweep import Definition
 from lmops.tasks.stages import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,46 +56,11 @@ DEFAULT = profile_overrides(ROOT, "cpu-demo")
 ZH = profile_overrides(ROOT, "zh")
 ENGLISH = {key: DEFAULT[key] for key in ("data.source", "data.corpus")}
 
-# The default, and one thing changed in it each.
+# The default, and one thing changed in it each: the sweep definition's configs (the same
+# runs through `lmops sweep --file`), then the from-scratch recipes on the English data.
+SWEEP = Definition.read(ROOT / "bench" / "sweeps" / "recipes.yaml")
 CANDIDATES: dict[str, dict[str, Any]] = {
-    # all-MiniLM-L6-v2 (6x384, tuned on a billion sentence pairs) fine-tuned directly, one
-    # epoch at lr 5e-5 (22M parameters cost ~8x the zh model per token on a CPU), with the
-    # in-graph n-gram channel.
-    "cpu-demo": DEFAULT,
-    # Domain-adaptive masked-LM pretraining of the base on the plots and the training texts
-    # (a fresh MLM head tied to its embeddings), in the time the 10-minute budget leaves.
-    "cpu-demo + DAPT (plots and train, 100 steps)": {
-        **DEFAULT,
-        "model.init_pretraining": "continue",
-        "pretrain.texts": ["corpus", "train"],
-        "pretrain.steps": 100,
-        "pretrain.batch_size": 32,
-        "pretrain.learning_rate": 1.0e-4,
-        "pretrain.mask_probability": 0.15,
-    },
-    "cpu-demo, max_length 64": {**DEFAULT, "model.max_length": 64},
-    "cpu-demo, lr 1e-4": {**DEFAULT, "finetune.learning_rate": 1.0e-4},
-    "cpu-demo, 2 epochs": {**DEFAULT, "finetune.epochs": 2},
-    # The fast student (the distill stage): 2 of the teacher's 6 layers, trained two epochs
-    # on its soft labels; a gap of 1 so the student is served (and tested) whenever it
-    # beats the baseline on validation.
-    "cpu-demo, student (2 of 6 layers)": {
-        **DEFAULT,
-        "distill.enabled": True,
-        "distill.max_accuracy_gap": 1.0,
-    },
-    # 3 of the 6 layers (the teacher's 0, 2 and 5), one epoch: half the teacher's cost per
-    # text, in the time the 10-minute budget leaves for distillation.
-    "cpu-demo, student (3 of 6 layers, 1 epoch)": {
-        **DEFAULT,
-        "distill.enabled": True,
-        "distill.layers": 3,
-        "distill.epochs": 1,
-        "distill.max_accuracy_gap": 1.0,
-    },
-    # The labels stage's drop_train: the rows confident learning flags leave train (val and
-    # test keep every row); the baseline learns from the same kept rows.
-    "cpu-demo, drop_train": {**DEFAULT, "data.label_issues": "drop_train"},
+    **{name: {**DEFAULT, **overrides} for name, overrides in SWEEP.configs.items()},
     # From random weights (the zh recipe on the English data): what the base is worth.
     "from scratch (the zh recipe)": {**ZH, **ENGLISH},
     "from scratch + pretraining (TAPT, 400 steps)": {

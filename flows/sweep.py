@@ -11,24 +11,19 @@ from prefect import flow, get_run_logger
 
 from lmops import experiments
 from lmops.flows.training import training
-from lmops.sweep import keep_params, pending, plan, restore_params
+from lmops.sweep import Definition, keep_params, pending, restore_params
 
 
 @flow(name="sweep")
-def sweep(
-    name: str,
-    sets: list[str],
-    seeds: list[int] | None = None,
-    seed_key: str = "data.split.seed",
-    profile: str | None = None,
-    project_dir: str = ".",
-) -> dict[str, Any]:
-    """Run every point of the grid `sets` x `seeds` that has no completed experiment yet.
-    A failed point is recorded (reports/runs.jsonl) and the sweep goes on; params.yaml is
-    put back as it was before the sweep once every point has had its turn."""
+def sweep(definition: dict[str, Any], name: str, project_dir: str = ".") -> dict[str, Any]:
+    """Run every point of the sweep `definition` (lmops/sweep.py Definition) that has no
+    completed experiment yet. A failed point is recorded (reports/runs.jsonl) and the sweep
+    goes on; params.yaml is put back as it was before the sweep once every point has had
+    its turn."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    points = plan(sets, seeds)
+    spec = Definition.model_validate(definition)
+    points = spec.points()
     todo = pending(points, name, experiments.saved_runs(root))
     logger.info(
         "sweep %s: %d points, %d done before, %d to run",
@@ -40,15 +35,16 @@ def sweep(
     kept = keep_params(root, name)
     ran, failed = [], []
     for number, point in enumerate(todo, start=1):
-        logger.info("sweep %s: point %d/%d %s", name, number, len(todo), point.sets(seed_key))
+        sets = point.sets(spec.seed_key)
+        logger.info("sweep %s: point %d/%d %s", name, number, len(todo), sets)
         state = training(
-            profile=profile,
-            overrides=point.sets(seed_key),
+            profile=spec.profile,
+            overrides=sets,
             project_dir=str(root),
             sweep_point={"sweep": name, **point.model_dump()},
             return_state=True,
         )
-        (failed if state.is_failed() else ran).append(point.sets(seed_key))
+        (failed if state.is_failed() else ran).append(point.label or " ".join(sets))
     restore_params(root, kept)
     return {
         "sweep": name,

@@ -804,11 +804,12 @@ class RunRecord(_Artifact):
     version: str | None = None  # the registered version
     promoted: bool | None = None
     experiment: str | None = None  # in reports/runs.jsonl: the DVC experiment, if saved
-    # A point of `lmops sweep`: the sweep's name, the point's grid values (its config,
-    # without the seed) and its seed; None and {} for a plain `lmops run`.
+    # A point of `lmops sweep`: the sweep's name, the point's overrides (its config, without
+    # the seed) and its seed; None and {} for a plain `lmops run`.
     sweep: str | None = None
     config: dict[str, Any] = {}
     seed: int | None = None
+    label: str | None = None  # the sweep's name for the config (a recipe's name)
     # What a run is compared on (lmops/experiments.py run_metrics): `val` (chosen on),
     # `test` (reported, never chosen on) and `seconds` per stage.
     metrics: dict[str, dict[str, float]] = {}

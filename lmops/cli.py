@@ -98,6 +98,19 @@ def _seeds(text: str | None) -> list[int] | None:
 @app.command()
 @_user_errors
 def sweep(
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="A sweep definition (YAML: profile, configs, grid, seeds, seed_key), e.g. "
+            "bench/sweeps/recipes.yaml; the options below add to it or replace its values.",
+        ),
+    ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this named config of the file (repeatable)."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -111,8 +124,9 @@ def sweep(
         str | None, typer.Option(help="Seeds each grid point runs with, e.g. 0,1,2.")
     ] = None,
     seed_key: Annotated[
-        str, typer.Option(help="The param the seeds go to (the split, by default).")
-    ] = "data.split.seed",
+        str | None,
+        typer.Option(help="The param the seeds go to (default: data.split.seed, the split)."),
+    ] = None,
     profile: ProfileOption = None,
     name: Annotated[
         str | None,
@@ -128,28 +142,34 @@ def sweep(
     killed sweep started again runs only the rest, and DVC's run cache shares every stage a
     point leaves unchanged. The points are not registered (lmops promote --experiment).
     """
-    from lmops import sweep as sweeps
     from lmops.config import override, parse_params, read_raw, resolve_overrides
+    from lmops.sweep import Definition, grid
 
     root = Path.cwd()
-    seed_list = _seeds(seeds)
-    points = sweeps.plan(set_ or [], seed_list)
+    spec = Definition.read(file) if file is not None else Definition()
+    if config:
+        unknown = sorted(set(config) - set(spec.configs))
+        if unknown:
+            raise LmopsError(f"--config {unknown}: not in {file} ({', '.join(spec.configs)})")
+        spec = spec.model_copy(update={"configs": {n: spec.configs[n] for n in config}})
+    given = {
+        "profile": profile,
+        "seeds": _seeds(seeds),
+        "seed_key": seed_key,
+        "grid": {**spec.grid, **grid(set_ or [])},
+    }
+    spec = spec.model_copy(update={k: v for k, v in given.items() if v is not None})
+    points = spec.points()
     raw = read_raw(root)
     for point in points:  # every point's params are valid before anything runs
-        parse_params(override(raw, resolve_overrides(root, profile, point.sets(seed_key))))
-    name = name or sweeps.sweep_name(profile, set_ or [], seed_list, seed_key)
+        sets = point.sets(spec.seed_key)
+        parse_params(override(raw, resolve_overrides(root, spec.profile, sets)))
+    name = name or spec.name()
     _log_to_console()
     from lmops.flows.sweep import sweep as sweep_flow
 
     result = _prefect_run(
-        lambda: sweep_flow(
-            name=name,
-            sets=set_ or [],
-            seeds=seed_list,
-            seed_key=seed_key,
-            profile=profile,
-            project_dir=str(root),
-        )
+        lambda: sweep_flow(definition=spec.model_dump(), name=name, project_dir=str(root))
     )
     typer.echo(
         f"sweep {name}: {result['points']} points, {result['done_before']} done before, "
@@ -157,7 +177,7 @@ def sweep(
     )
     _show_experiments(root, name, rank, lower_is_better=False)
     if result["failed"]:
-        failed = "; ".join(" ".join(sets) for sets in result["failed"])
+        failed = "; ".join(result["failed"])
         raise LmopsError(f"sweep {name}: failed points (reports/runs.jsonl has why): {failed}")
 
 

@@ -435,7 +435,7 @@ def read_raw(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no {PARAMS_FILE} in {root} (run lmops from the project root)")
     try:
-        return _load_yaml(path.read_text(encoding="utf-8")) or {}
+        return load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
@@ -487,7 +487,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no arbitrary objects
 
 
@@ -497,7 +497,7 @@ def parse_set(expr: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {expr!r}: expected key=value")
     try:
-        value = _load_yaml(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     return key.strip(), value
@@ -509,7 +509,7 @@ def _read_profile(root: Path, name: str) -> dict[str, Any]:
         known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r} (known: {', '.join(known) or 'none'})")
     try:
-        tree = _load_yaml(path.read_text(encoding="utf-8")) or {}
+        tree = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):

@@ -178,7 +178,7 @@ def compare(
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
         if run.status == "completed" and run.metrics:
-            groups.setdefault(config_key(run.config), []).append(run)
+            groups.setdefault(run.label or config_key(run.config), []).append(run)
     if not groups:
         raise LmopsError("no completed experiments to compare (lmops run or lmops sweep first)")
     known = {name for mine in groups.values() for run in mine for name in flat(run.metrics)}

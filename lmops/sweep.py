@@ -18,18 +18,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmops.artifacts import RunRecord
-from lmops.config import PARAMS_FILE, parse_set
+from lmops.config import PARAMS_FILE, load_yaml, parse_set
 from lmops.errors import ConfigError
+from lmops.experiments import config_key
 
 SWEEPS_DIR = Path("reports/sweeps")
 
 
 class Point(BaseModel):
-    config: dict[str, Any]  # grid key -> value
+    config: dict[str, Any]  # dotted key -> value: the named config's and the grid's
     seed: int | None = None
+    label: str | None = None  # the named config's name (with its grid values, if any)
 
     def sets(self, seed_key: str) -> list[str]:
         """The point as --set expressions (values as JSON, which YAML reads back as is)."""
@@ -38,6 +41,51 @@ class Point(BaseModel):
 
     def same(self, run: RunRecord) -> bool:
         return run.config == self.config and run.seed == self.seed
+
+
+class Definition(BaseModel):
+    """A sweep: named configs (sets of overrides, as recipes are) crossed with grid axes
+    and seeds, over a profile. `lmops sweep --file` reads one from YAML; --set adds axes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | None = None
+    configs: dict[str, dict[str, Any]] = {}
+    grid: dict[str, list[Any]] = {}
+    seeds: list[int] | None = None
+    seed_key: str = "data.split.seed"
+
+    @classmethod
+    def read(cls, path: Path) -> Definition:
+        try:
+            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+            return cls.model_validate(raw)
+        except OSError as err:
+            raise ConfigError(f"sweep file {path}: {err.strerror or err}") from None
+        except (yaml.YAMLError, ValidationError) as err:
+            raise ConfigError(f"sweep file {path}: {str(err).splitlines()[0]}") from None
+
+    def name(self) -> str:
+        """The same definition always has the same name, so running it again resumes it."""
+        text = json.dumps(self.model_dump(), sort_keys=True, default=str)
+        return "sweep-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    def points(self) -> list[Point]:
+        """Every named config times every grid point times every seed (innermost)."""
+        axes = self.grid
+        cells = [
+            dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())
+        ]
+        named = self.configs or {"": {}}
+        points = []
+        for name, overrides in named.items():
+            for cell in cells:
+                label = ", ".join(filter(None, [name, config_key(cell) if cell and name else ""]))
+                points += [
+                    Point(config={**overrides, **cell}, seed=seed, label=label or None)
+                    for seed in self.seeds or [None]
+                ]
+        return points
 
 
 def split_values(text: str) -> list[str]:
@@ -72,19 +120,6 @@ def grid(sets: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--set {expr!r}: expected key=value[,value...]")
         axes[key.strip()] = [parse_set(f"{key}={part}")[1] for part in split_values(text)]
     return axes
-
-
-def plan(sets: list[str], seeds: list[int] | None) -> list[Point]:
-    """Every grid point times every seed, in a fixed order (the seeds innermost)."""
-    axes = grid(sets)
-    configs = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
-    return [Point(config=c, seed=s) for c in configs for s in (seeds or [None])]
-
-
-def sweep_name(profile: str | None, sets: list[str], seeds: list[int] | None, seed_key: str) -> str:
-    """The same definition always has the same name, so running it again resumes it."""
-    definition = json.dumps([profile, grid(sets), seeds, seed_key], sort_keys=True, default=str)
-    return "sweep-" + hashlib.sha256(definition.encode()).hexdigest()[:8]
 
 
 def pending(points: list[Point], name: str, runs: list[RunRecord]) -> list[Point]:

@@ -159,7 +159,7 @@ def test_promote_an_experiment_through_the_gates(
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "not promoted" in refused.stderr and "accuracy_vs_prod" in refused.stderr
     models = json.loads(_lmops(project, prefect_server, "models", "--json").stdout)
-    assert len(models) == 2 and [m["stages"] for m in models].count(["prod"]) == 1
+    assert len(models) == 2 and sum("prod" in m["stages"] for m in models) == 1
 
     unknown = _lmops(project, prefect_server, "promote", "--experiment", "no-such-run")
     assert unknown.returncode == 1 and "no experiment 'no-such-run'" in unknown.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +37,13 @@ def test_a_value_that_cannot_be_parsed_is_one_clear_error(expr: str) -> None:
         sweep.grid([expr])
 
 
+def _definition(sets: list[str], seeds: list[int] | None, **more: object) -> sweep.Definition:
+    return sweep.Definition(grid=sweep.grid(sets), seeds=seeds, **more)
+
+
 def test_the_plan_is_the_grid_times_the_seeds_and_its_name_is_stable() -> None:
     sets = ["finetune.learning_rate=1e-4,5e-4", "model.layers=2,4"]
-    points = sweep.plan(sets, [0, 1])
+    points = _definition(sets, [0, 1]).points()
     assert len(points) == 8
     assert points[0].config == {"finetune.learning_rate": 1e-4, "model.layers": 2}
     assert [p.seed for p in points[:2]] == [0, 1]
@@ -47,10 +52,34 @@ def test_the_plan_is_the_grid_times_the_seeds_and_its_name_is_stable() -> None:
         "model.layers=2",
         "data.split.seed=1",
     ]
-    name = sweep.sweep_name("tiny", sets, [0, 1], "data.split.seed")
-    assert name == sweep.sweep_name("tiny", list(sets), [0, 1], "data.split.seed")
-    assert name != sweep.sweep_name("tiny", sets, [0, 2], "data.split.seed")
-    assert len(sweep.plan(sets, None)) == 4
+    name = _definition(sets, [0, 1], profile="tiny").name()
+    assert name == _definition(list(sets), [0, 1], profile="tiny").name()
+    assert name != _definition(sets, [0, 2], profile="tiny").name()
+    assert len(_definition(sets, None).points()) == 4
+
+
+def test_a_sweep_file_names_its_configs_and_crosses_them_with_the_grid(tmp_path: Path) -> None:
+    path = tmp_path / "recipes.yaml"
+    path.write_text(
+        "profile: cpu-demo\n"
+        "seeds: [0, 1, 2]\n"
+        "configs:\n"
+        "  default: {}\n"
+        "  lr 1e-4: {finetune.learning_rate: 1e-4}\n"
+        "grid:\n"
+        "  finetune.epochs: [1, 2]\n",
+        encoding="utf-8",
+    )
+    spec = sweep.Definition.read(path)
+    points = spec.points()
+    assert len(points) == 2 * 2 * 3
+    assert points[-1].label == "lr 1e-4, finetune.epochs=2"
+    assert points[-1].config == {"finetune.learning_rate": 1e-4, "finetune.epochs": 2}
+    path.write_text("seeds: [0]\nconfig: {}\n", encoding="utf-8")  # a typo'd key
+    with pytest.raises(ConfigError, match="sweep file .*recipes.yaml"):
+        sweep.Definition.read(path)
+    with pytest.raises(ConfigError, match="No such file"):
+        sweep.Definition.read(tmp_path / "missing.yaml")
 
 
 def _run(config: dict, seed: int, val: float, test: float, name: str = "s") -> RunRecord:
@@ -76,7 +105,7 @@ def _run(config: dict, seed: int, val: float, test: float, name: str = "s") -> R
 
 
 def test_a_point_with_an_experiment_is_done() -> None:
-    points = sweep.plan(["model.layers=2,4"], [0, 1])
+    points = _definition(["model.layers=2,4"], [0, 1]).points()
     runs = [
         _run({"model.layers": 2}, 0, 0.8, 0.8),
         _run({"model.layers": 4}, 1, 0.8, 0.8, name="another sweep"),
@@ -122,3 +151,50 @@ def test_the_report_shows_test_for_the_chosen_config_only() -> None:
     assert "+1.00" in text  # the margin in points with its interval
     page = experiments.page(experiments.compare(runs, "val.accuracy"), "val.accuracy", "t")
     assert "<table>" in page and "http" not in page
+
+
+def test_the_recipe_sweep_is_a_valid_definition() -> None:
+    """bench/sweeps/recipes.yaml (bench/recipes.py's configs): every point's params parse."""
+    from lmops.config import override, parse_params, read_raw, resolve_overrides
+    from tests.conftest import REPO_ROOT
+
+    spec = sweep.Definition.read(REPO_ROOT / "bench" / "sweeps" / "recipes.yaml")
+    points = spec.points()
+    assert len(points) == 3 * len(spec.configs) and "cpu-demo" in spec.configs
+    raw = read_raw(REPO_ROOT)
+    for point in points:
+        sets = point.sets(spec.seed_key)
+        parse_params(override(raw, resolve_overrides(REPO_ROOT, spec.profile, sets)))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--set", "finetune.learning_rate=1e-4,-1"], "finetune.learning_rate"),
+        (["--set", "pretrain.texts=[corpus"], "unclosed quote or bracket"),
+        (["--seeds", "0,one"], "--seeds '0,one': expected integers"),
+        (["--file", "bench/sweeps/recipes.yaml", "--config", "nope"], "--config ['nope']"),
+        (["--file", "missing.yaml"], "sweep file missing.yaml"),
+    ],
+)
+def test_a_bad_sweep_is_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], says: str
+) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lmops.cli import app
+    from tests.conftest import REPO_ROOT
+
+    for name in ("params.yaml", "profiles", "bench/sweeps"):
+        copy = shutil.copytree if (REPO_ROOT / name).is_dir() else shutil.copyfile
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        copy(REPO_ROOT / name, tmp_path / name)
+    before = (tmp_path / "params.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", *args])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and says in result.output
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    assert not (tmp_path / "reports").exists()
