@@ -804,6 +804,7 @@ class RunRecord(_Artifact):
     version: str | None = None  # the registered version
     promoted: bool | None = None
     experiment: str | None = None  # in reports/runs.jsonl: the DVC experiment, if saved
+    experiment_rev: str | None = None  # read back from DVC: the experiment's commit
     # A point of `lmops sweep`: the sweep's name, the point's overrides (its config, without
     # the seed) and its seed; None and {} for a plain `lmops run`.
     sweep: str | None = None

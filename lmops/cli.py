@@ -135,8 +135,16 @@ def sweep(
     rank: Annotated[
         str, typer.Option(help="The validation metric the report ranks on.")
     ] = "val.accuracy",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Points run at once, each lane in its own git worktree sharing the DVC cache.",
+        ),
+    ] = 1,
 ) -> None:
-    """Run a grid over params and seeds, one point after another, each a DVC experiment.
+    """Run a grid over params and seeds, each point a DVC experiment, one after another (or
+    in --workers parallel lanes).
 
     Resumable: the points of the same sweep that have an experiment are skipped, so a
     killed sweep started again runs only the rest, and DVC's run cache shares every stage a
@@ -169,7 +177,9 @@ def sweep(
     from lmops.flows.sweep import sweep as sweep_flow
 
     result = _prefect_run(
-        lambda: sweep_flow(definition=spec.model_dump(), name=name, project_dir=str(root))
+        lambda: sweep_flow(
+            definition=spec.model_dump(), name=name, project_dir=str(root), workers=workers
+        )
     )
     typer.echo(
         f"sweep {name}: {result['points']} points, {result['done_before']} done before, "
@@ -218,7 +228,9 @@ def _show_experiments(
     title = f"experiments of {sweep_name}" if sweep_name else "experiments"
     out = root / experiments.PAGE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(experiments.page(table, rank, title), encoding="utf-8")
+    chosen = [r for r in runs if (r.experiment or r.name) in table[0]["experiments"]]
+    curves = experiments.loss_curves(root, chosen)
+    out.write_text(experiments.page(table, rank, title, curves), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps(table, indent=2))
         return

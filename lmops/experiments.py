@@ -29,7 +29,13 @@ from typing import Any
 from lmops.artifacts import DistillReport, Metrics, RunRecord
 from lmops.errors import LmopsError
 from lmops.registry import is_git_repo
-from lmops.stages import DISTILL_METRICS, EXPERIMENTS_PAGE_DIR, FINETUNE_METRICS, cost_path
+from lmops.stages import (
+    DISTILL_METRICS,
+    EXPERIMENTS_PAGE_DIR,
+    FINETUNE_LIVE,
+    FINETUNE_METRICS,
+    cost_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def experiment_name(flow_run_name: str | None, started: str) -> str:
     return f"{stamp}-{words or 'run'}"
 
 
-def _dvc() -> str:
+def dvc_executable() -> str:
     """The dvc of this environment (a Prefect worker's PATH may not have the venv's)."""
     beside = Path(sys.executable).with_name("dvc")
     return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
@@ -79,8 +85,33 @@ def _save(root: Path, run: RunRecord) -> str | None:
             "%s is not a DVC project in git: run %s not saved as an experiment", root, run.name
         )
         return None
+    # One save at a time per git repository: a parallel sweep's lanes (lmops/sweep.py
+    # worktree) share it, and DVC's exp save goes through refs all checkouts share.
+    with _repository_lock(root):
+        return _save_locked(root, run)
+
+
+def _repository_lock(root: Path) -> Any:
+    from filelock import FileLock
+
+    common = subprocess.run(
+        ["git", "rev-parse", "--git-common-dir"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    return FileLock((root / common / "lmops-exp-save.lock").resolve())
+
+
+def _save_locked(root: Path, run: RunRecord) -> str | None:
     result = subprocess.run(
-        [_dvc(), "exp", "save", "--name", run.name, "--include-untracked", str(RUN_RECORD)],
+        [
+            dvc_executable(),
+            "exp",
+            "save",
+            "--name",
+            run.name,
+            # The record, and the training curves where git does not track them yet.
+            *("--include-untracked", str(RUN_RECORD)),
+            *("--include-untracked", str(FINETUNE_LIVE)),
+        ],
         cwd=root,
         capture_output=True,
         text=True,
@@ -132,7 +163,7 @@ def saved_runs(root: Path) -> list[RunRecord]:
     """Every run saved as a DVC experiment, on any commit, as its reports/run.json holds it
     (read through `dvc exp show`, so what DVC lists is what is compared)."""
     result = subprocess.run(
-        [_dvc(), "exp", "show", "--all-commits", "--json"],
+        [dvc_executable(), "exp", "show", "--all-commits", "--json"],
         cwd=root,
         capture_output=True,
         text=True,
@@ -148,7 +179,8 @@ def saved_runs(root: Path) -> list[RunRecord]:
                 record = ((rev.get("data") or {}).get("metrics") or {}).get(str(RUN_RECORD))
                 if record and "data" in record:
                     run = RunRecord.model_validate(record["data"])
-                    runs.append(run.model_copy(update={"experiment": rev.get("name")}))
+                    found = {"experiment": rev.get("name"), "experiment_rev": rev.get("rev")}
+                    runs.append(run.model_copy(update=found))
     return runs
 
 
@@ -270,17 +302,64 @@ def markdown(table: list[dict[str, Any]], rank: str) -> list[str]:
     return [*lines, "", f"Stage seconds of the chosen config (mean): {stage_seconds}."]
 
 
-def page(table: list[dict[str, Any]], rank: str, title: str) -> str:
-    """The same comparison as a static page (no script, nothing loaded from outside)."""
+def page(table: list[dict[str, Any]], rank: str, title: str, curves: str = "") -> str:
+    """The same comparison as a static page (no script, nothing loaded from outside), with
+    `curves` (a picture's data: URI, from loss_curves) under it."""
     from markdown_it import MarkdownIt
 
     body = MarkdownIt("commonmark").enable("table").render("\n".join(markdown(table, rank)))
+    if curves:
+        body += (
+            "<h2>Fine-tuning loss of the chosen config, one line a seed</h2>"
+            f'<img alt="fine-tuning loss of the chosen config\'s runs" src="{curves}">'
+        )
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>lmops — {escape(title)}</title><style>body{{font-family:sans-serif;"
         "margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
         f"</style></head><body><h1>{escape(title)}</h1>{body}</body></html>\n"
     )
+
+
+def loss_curves(root: Path, runs: list[RunRecord]) -> str:
+    """The fine-tuning loss of `runs` (DVCLive's, as each experiment's commit holds it),
+    overlaid, smoothed over 20 steps, as a PNG data: URI; "" when none is found."""
+    import base64
+    import io
+
+    series = {}
+    for run in runs:
+        shown = subprocess.run(
+            ["git", "show", f"{run.experiment_rev}:{FINETUNE_LIVE}/plots/metrics/train/loss.tsv"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        rows = [line.split("\t") for line in shown.stdout.splitlines()[1:]]
+        if shown.returncode == 0 and rows:
+            series[f"seed {run.seed}" if run.seed is not None else run.name] = [
+                float(loss) for _, loss in rows
+            ]
+    if not series:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for label, losses in sorted(series.items()):
+        window = min(20, len(losses))
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axes.plot(np.arange(len(smooth)) + window - 1, smooth, label=label)
+    axes.set(xlabel="step", ylabel="training loss (mean of 20 steps)")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def apply(root: Path, name: str) -> RunRecord:
@@ -291,7 +370,7 @@ def apply(root: Path, name: str) -> RunRecord:
         known = ", ".join(sorted(n for n in runs if n)) or "none"
         raise LmopsError(f"no experiment {name!r} (dvc exp show lists: {known})")
     result = subprocess.run(
-        [_dvc(), "exp", "apply", name],
+        [dvc_executable(), "exp", "apply", name],
         cwd=root,
         capture_output=True,
         text=True,

@@ -11,10 +11,15 @@ the gates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
 import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmops.artifacts import RunRecord
 from lmops.config import PARAMS_FILE, load_yaml, parse_set
-from lmops.errors import ConfigError
-from lmops.experiments import config_key
+from lmops.errors import ConfigError, LmopsError
+from lmops.experiments import config_key, dvc_executable
 
 SWEEPS_DIR = Path("reports/sweeps")
 
@@ -143,3 +148,42 @@ def restore_params(root: Path, kept: Path) -> None:
     shutil.copyfile(kept, scratch)
     scratch.replace(root / PARAMS_FILE)
     shutil.rmtree(kept.parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def worktree(root: Path, params: Path) -> Iterator[Path]:
+    """A checkout of HEAD beside the workspace, for one lane of a parallel sweep: params.yaml
+    as the sweep found it, and the workspace's DVC cache (so its run cache too), so a lane
+    recomputes nothing another lane or an earlier run computed. Its experiments are saved in
+    the one git repository both share; the checkout is removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix="lmops-sweep-"))
+    path = scratch / root.name
+    _git(root, "worktree", "add", "--detach", str(path), "HEAD")
+    try:
+        shutil.copyfile(params, path / PARAMS_FILE)
+        cache = _dvc(root, "cache", "dir").strip()
+        _dvc(path, "cache", "dir", "--local", str((root / cache).resolve()))
+        yield path
+    finally:
+        _git(root, "worktree", "remove", "--force", str(path))
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LmopsError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [dvc_executable(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
+    if done.returncode != 0:
+        raise LmopsError(f"dvc {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout

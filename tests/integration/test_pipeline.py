@@ -132,6 +132,9 @@ def test_flow_after_repro_does_no_work_and_publishes_the_manifest(
     run = _experiments(project)[name]["run"]
     assert run["status"] == "completed" and run["profile"] == "tiny" and run["version"]
     assert run["flow_run_id"] and run["wall_seconds"] > 0 and "failed_stage" not in run
+    # What runs are compared on (lmops exp show): validation, test, and every stage's time.
+    assert 0 < run["metrics"]["val"]["accuracy"] <= 1 and "margin" in run["metrics"]["test"]
+    assert set(run["metrics"]["seconds"]) == set(STAGES)
     labels = latest_artifact(prefect_server["api_url"], "label-issues")
     assert "| split | given label | suggested |" in labels["data"]
     assert "http://127.0.0.1:8000/reports/labels/" in labels["data"]

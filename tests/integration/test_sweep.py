@@ -132,7 +132,10 @@ def test_a_killed_sweep_resumes_and_ends_with_eight_experiments(
         )
     refused = _lmops(project, prefect_server, "exp", "show", "--rank", "test.accuracy")
     assert refused.returncode == 1 and "rank on a validation metric" in refused.stderr
-    assert (project / "reports" / "experiments" / "index.html").is_file()
+    # The page: the same table, and the chosen config's training curves, offline.
+    page = (project / "reports" / "experiments" / "index.html").read_text("utf-8")
+    assert "<table>" in page and 'src="data:image/png;base64,' in page
+    assert "http://" not in page and "https://" not in page
 
 
 def test_promote_an_experiment_through_the_gates(
@@ -163,3 +166,40 @@ def test_promote_an_experiment_through_the_gates(
 
     unknown = _lmops(project, prefect_server, "promote", "--experiment", "no-such-run")
     assert unknown.returncode == 1 and "no experiment 'no-such-run'" in unknown.stderr
+
+
+def test_parallel_lanes_share_the_cache_and_save_into_the_workspace(
+    project: Path, prefect_server: dict[str, Any]
+) -> None:
+    """--workers 2: each lane in its own git worktree; the seeds' fine-tuned models are in
+    the shared DVC cache already, so no lane recomputes a stage."""
+    params_before = (project / "params.yaml").read_text("utf-8")
+    before = _experiments(project)
+    grid = ["--set", "promotion.max_latency_increase=0.75,1.0", "--seeds", "0,1"]
+    result = _lmops(
+        project,
+        prefect_server,
+        *("sweep", "--profile", "tiny", *grid, "--seed-key", "finetune.seed", "--workers", "2"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 points, 0 done before, 4 ran, 0 failed" in result.stdout
+    assert "Running stage" not in result.stdout
+    new = {name: run for name, run in _experiments(project).items() if name not in before}
+    assert sorted(
+        (r["config"]["promotion.max_latency_increase"], r["seed"]) for r in new.values()
+    ) == [
+        (0.75, 0),
+        (0.75, 1),
+        (1.0, 0),
+        (1.0, 1),
+    ]
+    assert all(r["metrics"]["val"]["accuracy"] > 0 for r in new.values())
+    # The worktrees are gone, the workspace's params are as the sweep found them, and its
+    # run log has the lanes' runs.
+    worktrees = subprocess.run(
+        ["git", "worktree", "list"], cwd=project, capture_output=True, text=True, check=True
+    )
+    assert len(worktrees.stdout.splitlines()) == 1
+    assert (project / "params.yaml").read_text("utf-8") == params_before
+    logged = (project / "reports" / "runs.jsonl").read_text("utf-8")
+    assert all(name in logged for name in new)
