@@ -54,55 +54,24 @@ OUT_ZH = ROOT / "reports" / "bench" / "recipes-zh.json"
 # shipped MiniLM base, and the Chinese profile's from-scratch recipe.
 DEFAULT = profile_overrides(ROOT, "cpu-demo")
 ZH = profile_overrides(ROOT, "zh")
-ENGLISH = {key: DEFAULT[key] for key in ("data.source", "data.corpus")}
+SWEEPS = ROOT / "bench" / "sweeps"
 
-# The default, and one thing changed in it each: the sweep definition's configs (the same
-# runs through `lmops sweep --file`), then the from-scratch recipes on the English data.
-SWEEP = Definition.read(ROOT / "bench" / "sweeps" / "recipes.yaml")
-CANDIDATES: dict[str, dict[str, Any]] = {
-    **{name: {**DEFAULT, **overrides} for name, overrides in SWEEP.configs.items()},
-    # From random weights (the zh recipe on the English data): what the base is worth.
-    "from scratch (the zh recipe)": {**ZH, **ENGLISH},
-    "from scratch + pretraining (TAPT, 400 steps)": {
-        **ZH,
-        **ENGLISH,
-        "finetune.from_pretrained": True,
-        "pretrain.steps": 400,
-    },
-}
 
+def candidates(*files: str) -> dict[str, dict[str, Any]]:
+    """The named configs of sweep definitions, each over its profile: the same recipes
+    `lmops sweep --file bench/sweeps/NAME.yaml` runs as DVC experiments."""
+    found = {}
+    for file in files:
+        spec = Definition.read(SWEEPS / file)
+        base = profile_overrides(ROOT, spec.profile) if spec.profile else {}
+        found.update({name: {**base, **config} for name, config in spec.configs.items()})
+    return found
+
+
+# The default, and one thing changed in it each; then from random weights on the same data.
+CANDIDATES = candidates("recipes.yaml", "recipes-scratch.yaml")
 ZH_PRETRAINED = "zh + pretraining (TAPT, 400 steps)"
-ZH_CANDIDATES: dict[str, dict[str, Any]] = {
-    # Character WordPiece, 2x256 BERT with hashed n-gram input embeddings, one fine-tuning
-    # epoch from random weights, the in-graph n-gram channel.
-    "zh": ZH,
-    # The same after task-adaptive masked-LM pretraining on the training texts
-    # (Cramming-style: 30% masking, lr 1e-3, no dropout, packed blocks): the time the
-    # second fine-tuning epoch took, spent on pretraining.
-    ZH_PRETRAINED: {**ZH, "finetune.from_pretrained": True, "pretrain.steps": 400},
-    # Four times the pretraining, past the 12-minute budget: does pretraining pay with more
-    # compute than the profile has?
-    "zh + pretraining (TAPT, 1600 steps, over budget)": {
-        **ZH,
-        "finetune.from_pretrained": True,
-        "pretrain.steps": 1600,
-    },
-    # The recipe before 2026-12-03: two epochs (every such run peaked after its first).
-    "zh, 2 epochs": {**ZH, "finetune.epochs": 2},
-    # Without the n-gram input embeddings.
-    "zh, no input n-grams": {**ZH, "model.input_ngram_order": 0},
-    # Byte-pair tokens (frequent Chinese words become one token) instead of characters.
-    "zh, BPE tokens": {**ZH, "tokenizer.kind": "bpe"},
-    # The labels stage's drop_train (see the default candidates).
-    "zh, drop_train": {**ZH, "data.label_issues": "drop_train"},
-    # Pretraining on the news corpus as well as the training texts.
-    "zh + pretraining on corpus and train": {
-        **ZH,
-        "finetune.from_pretrained": True,
-        "pretrain.steps": 400,
-        "pretrain.texts": ["corpus", "train"],
-    },
-}
+ZH_CANDIDATES = candidates("recipes-zh.yaml")
 
 
 def _workspace(base: Path, name: str, seed: int, validated: Path) -> Path:

@@ -153,14 +153,15 @@ def test_the_report_shows_test_for_the_chosen_config_only() -> None:
     assert "<table>" in page and "http" not in page
 
 
-def test_the_recipe_sweep_is_a_valid_definition() -> None:
-    """bench/sweeps/recipes.yaml (bench/recipes.py's configs): every point's params parse."""
+@pytest.mark.parametrize("file", ["recipes.yaml", "recipes-scratch.yaml", "recipes-zh.yaml"])
+def test_the_recipe_sweeps_are_valid_definitions(file: str) -> None:
+    """bench/sweeps/*.yaml (bench/recipes.py's candidates): every point's params parse."""
     from lmops.config import override, parse_params, read_raw, resolve_overrides
     from tests.conftest import REPO_ROOT
 
-    spec = sweep.Definition.read(REPO_ROOT / "bench" / "sweeps" / "recipes.yaml")
+    spec = sweep.Definition.read(REPO_ROOT / "bench" / "sweeps" / file)
     points = spec.points()
-    assert len(points) == 3 * len(spec.configs) and "cpu-demo" in spec.configs
+    assert len(points) == 3 * len(spec.configs) and spec.profile in ("cpu-demo", "zh")
     raw = read_raw(REPO_ROOT)
     for point in points:
         sets = point.sets(spec.seed_key)
