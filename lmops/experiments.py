@@ -26,7 +26,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from lmops.artifacts import DistillReport, Metrics, RunRecord
+from lmops.artifacts import DistillReport, Metrics, RunRecord, StageCost
 from lmops.errors import LmopsError
 from lmops.registry import is_git_repo
 from lmops.stages import (
@@ -155,7 +155,7 @@ def run_metrics(root: Path, stages: list[str]) -> dict[str, dict[str, float]]:
     for stage in stages:
         cost = root / cost_path(stage)
         if cost.is_file():
-            seconds[stage] = json.loads(cost.read_text("utf-8"))["wall_seconds"]
+            seconds[stage] = StageCost.read(cost).wall_seconds
     return {"val": val, "test": test, "seconds": seconds}
 
 

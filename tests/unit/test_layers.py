@@ -75,6 +75,7 @@ PRIVATE_JSON = {
     "flows/monitoring.py": "last_trigger.json, written and read by the cooldown here",
     "serving/protocol.py": "request bodies of the binary tensor extension",
     "bench/monitor.py": "the JSON line its own child process prints",
+    "lmops/experiments.py": "`dvc exp show --json`, and the finetune stage metrics",
     # Stage metrics (reports/pretrain.json, finetune.json) are not typed yet.
     "bench/recipes.py": "its own recipes.json, and the pretrain and finetune stage metrics",
 }
