@@ -228,7 +228,7 @@ def compare(
                 "config": key,
                 "seeds": sorted(run.seed for run in mine if run.seed is not None),
                 "experiments": sorted(run.experiment or run.name for run in mine),
-                "metrics": {name: _stats(v) for name, v in sorted(values.items())},
+                "metrics": {name: _stats(v) for name, v in values.items()},  # stage order
             }
         )
     sign = 1 if lower_is_better else -1
