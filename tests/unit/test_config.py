@@ -190,6 +190,7 @@ def test_each_profile_sets_the_params_it_always_did() -> None:
                 "data.source": "builtin:en-movie-reviews",
                 "model.init_from": "builtin:all-minilm-l6-v2",
                 "finetune.epochs": 1,
+                "finetune.learning_rate": 1e-4,
                 "finetune.ngram_channel.enabled": True,
             },
         ),
@@ -210,11 +211,12 @@ def test_each_profile_sets_the_params_it_always_did() -> None:
             },
         ),
         # 18 before 2026-12-07; now the Chinese data and no base (+3), while the n-gram
-        # channel is the defaults' own (-1).
+        # channel (-1) and, since the evening of 2026-12-07, lr 1e-4 (-1) are the defaults'.
         "gpu": (
-            20,
+            19,
             {
                 "data.source": "builtin:zh-reviews",
+                "finetune.learning_rate": 1e-4,
                 "model.init_from": None,
                 "tokenizer.vocab_size": 16000,
                 "model.layers": 8,
