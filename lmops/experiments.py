@@ -53,6 +53,18 @@ def experiment_name(flow_run_name: str | None, started: str) -> str:
     return f"{stamp}-{words or 'run'}"
 
 
+def run_dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `root`, output captured, DVC's analytics off."""
+    return subprocess.run(
+        [dvc_executable(), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        timeout=timeout,
+    )
+
+
 def dvc_executable() -> str:
     """The dvc of this environment (a Prefect worker's PATH may not have the venv's)."""
     beside = Path(sys.executable).with_name("dvc")
@@ -101,21 +113,12 @@ def _repository_lock(root: Path) -> Any:
 
 
 def _save_locked(root: Path, run: RunRecord) -> str | None:
-    result = subprocess.run(
-        [
-            dvc_executable(),
-            "exp",
-            "save",
-            "--name",
-            run.name,
-            # The record, and the training curves where git does not track them yet.
-            *("--include-untracked", str(RUN_RECORD)),
-            *("--include-untracked", str(FINETUNE_LIVE)),
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    result = run_dvc(
+        root,
+        *("exp", "save", "--name", run.name),
+        # The record, and the training curves where git does not track them yet.
+        *("--include-untracked", str(RUN_RECORD)),
+        *("--include-untracked", str(FINETUNE_LIVE)),
         timeout=300,
     )
     if result.returncode != 0:
@@ -162,14 +165,7 @@ def run_metrics(root: Path, stages: list[str]) -> dict[str, dict[str, float]]:
 def saved_runs(root: Path) -> list[RunRecord]:
     """Every run saved as a DVC experiment, on any commit, as its reports/run.json holds it
     (read through `dvc exp show`, so what DVC lists is what is compared)."""
-    result = subprocess.run(
-        [dvc_executable(), "exp", "show", "--all-commits", "--json"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-        timeout=600,
-    )
+    result = run_dvc(root, "exp", "show", "--all-commits", "--json")
     if result.returncode != 0:
         raise LmopsError(f"dvc exp show failed: {result.stderr.strip()}")
     runs = []
@@ -369,14 +365,7 @@ def apply(root: Path, name: str) -> RunRecord:
     if name not in runs:
         known = ", ".join(sorted(n for n in runs if n)) or "none"
         raise LmopsError(f"no experiment {name!r} (dvc exp show lists: {known})")
-    result = subprocess.run(
-        [dvc_executable(), "exp", "apply", name],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-        timeout=600,
-    )
+    result = run_dvc(root, "exp", "apply", name)
     if result.returncode != 0:
         raise LmopsError(f"dvc exp apply {name} failed: {result.stderr.strip()}")
     return runs[name]

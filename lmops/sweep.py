@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from lmops.artifacts import RunRecord
 from lmops.config import PARAMS_FILE, load_yaml, parse_set
 from lmops.errors import ConfigError, LmopsError
-from lmops.experiments import config_key, dvc_executable
+from lmops.experiments import config_key, run_dvc
 
 SWEEPS_DIR = Path("reports/sweeps")
 
@@ -177,13 +176,7 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        [dvc_executable(), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-    )
+    done = run_dvc(cwd, *args)
     if done.returncode != 0:
         raise LmopsError(f"dvc {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
