@@ -574,6 +574,8 @@ class FeedbackRecord(_Artifact):
     request_id: str
     labels: list[str]
     source: Literal["api", "file"]
+    # The name of the API key that wrote it (serve.auth); None where feedback was open.
+    key: str | None = None
 
     def line(self) -> str:
         return json.dumps(self.model_dump(mode="json"), ensure_ascii=False)

@@ -65,6 +65,11 @@ class MinRowsConfig(_Strict):
     corpus: int = Field(ge=1)
 
 
+class FeedbackContractConfig(_Strict):
+    min_agreement: float = Field(ge=0, le=1)
+    max_class_shift: float = Field(gt=0, le=1)
+
+
 class ValidationConfig(_Strict):
     min_rows: MinRowsConfig
     min_text_chars: int = Field(ge=1)
@@ -73,6 +78,7 @@ class ValidationConfig(_Strict):
     min_class_share: float = Field(gt=0, lt=1)
     show_failed_rows: int = Field(ge=1)
     pii: Literal["fail", "redact", "warn"]
+    feedback: FeedbackContractConfig
 
 
 class TokenizerConfig(_Strict):
@@ -258,6 +264,32 @@ class CanaryConfig(_Strict):
     max_latency_ratio: float = Field(gt=0)
 
 
+ENDPOINT_GROUPS = ("inference", "feedback", "pages", "metrics")
+
+
+class RateLimitsConfig(_Strict):
+    feedback: int = Field(ge=0)
+    explain: int = Field(ge=0)
+
+
+class AuthConfig(_Strict):
+    restricted: list[Literal["inference", "feedback", "pages", "metrics"]]
+    keys_file: str | None = Field(min_length=1)
+    allow_open_feedback: bool
+    rate_limits: RateLimitsConfig
+
+
+class TlsConfig(_Strict):
+    certfile: str | None = Field(min_length=1)
+    keyfile: str | None = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("serve.tls needs both certfile and keyfile, or neither")
+        return self
+
+
 class ServeConfig(_Strict):
     host: str = Field(min_length=1)
     port: int = Field(ge=0, le=65535)
@@ -274,6 +306,8 @@ class ServeConfig(_Strict):
     max_request_id_chars: int = Field(ge=8)
     poll_seconds: float = Field(gt=0)
     drain_seconds: float = Field(ge=0)
+    auth: AuthConfig
+    tls: TlsConfig
     traffic: TrafficConfig
     explain: ExplainConfig
     shadow: ShadowConfig
@@ -284,7 +318,8 @@ class ServeConfig(_Strict):
         """Where `lmops serve` shows its pages (the registry's model pages, the reports):
         the links Prefect artifacts give, since a browser blocks file:// from an http page."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls.certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
 
 
 class LiveEvidenceConfig(_Strict):

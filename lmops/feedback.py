@@ -70,10 +70,14 @@ def find_requests(traffic_dir: Path, ids: set[str]) -> dict[str, list[TrafficRec
 
 
 def submit(
-    traffic_dir: Path, items: list[tuple[str, list[str]]], labels: list[str], source: str
+    traffic_dir: Path,
+    items: list[tuple[str, list[str]]],
+    labels: list[str],
+    source: str,
+    key: str | None = None,
 ) -> list[Verdict]:
     """Check each (request id, labels) against the log and the model's labels; append the
-    accepted ones to the feedback file. Raises OSError if the file cannot be written (the
+    accepted ones to the feedback file, each with the name of the `key` that wrote it. Raises OSError if the file cannot be written (the
     caller says so; nothing is half-written: one line per item, one write)."""
     requests = find_requests(traffic_dir, {rid for rid, _ in items})
     verdicts, accepted = [], []
@@ -95,7 +99,9 @@ def submit(
             )
         else:
             accepted.append(
-                FeedbackRecord(received_at=now, request_id=rid, labels=given, source=source)
+                FeedbackRecord(
+                    received_at=now, request_id=rid, labels=given, source=source, key=key
+                )
             )
             verdicts.append(Verdict(rid, 200, f"{len(given)} label(s) stored"))
     if accepted:
