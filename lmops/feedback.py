@@ -77,8 +77,9 @@ def submit(
     key: str | None = None,
 ) -> list[Verdict]:
     """Check each (request id, labels) against the log and the model's labels; append the
-    accepted ones to the feedback file, each with the name of the `key` that wrote it. Raises OSError if the file cannot be written (the
-    caller says so; nothing is half-written: one line per item, one write)."""
+    accepted ones to the feedback file, each with the name of the `key` that wrote it.
+    Raises OSError if the file cannot be written (the caller says so; nothing is
+    half-written: one line per item, one write)."""
     requests = find_requests(traffic_dir, {rid for rid, _ in items})
     verdicts, accepted = [], []
     now = datetime.now(UTC)
