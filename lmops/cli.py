@@ -418,13 +418,16 @@ def _served(root: Path, url: str) -> None:
     import httpx
 
     from lmops import registry
+    from lmops.client import api_headers
     from lmops.config import load_params
 
     name = load_params(root).serve.model_name
     stages = {stage: registry.stage_version(root, stage) for stage in registry.REGISTRY_STAGES}
     typer.echo("registry: " + ", ".join(f"{s} {v or '-'}" for s, v in stages.items()))
     try:
-        response = httpx.get(f"{url.rstrip('/')}/v2/models/{name}", timeout=10)
+        response = httpx.get(
+            f"{url.rstrip('/')}/v2/models/{name}", headers=api_headers(), timeout=10
+        )
         response.raise_for_status()
     except httpx.HTTPError as err:
         raise LmopsError(f"cannot ask the server at {url} what it serves: {err}") from None
@@ -567,12 +570,15 @@ def serve(
     from lmops.config import load_params
     from lmops.engine import Engine
     from lmops.serving.app import create_app, run_server
+    from lmops.serving.auth import check_exposure, load_keys
     from lmops.serving.swap import Following
 
     _log_to_console()
     root = Path.cwd()
     params = load_params(root)
     cfg = params.serve
+    keys = load_keys(cfg.auth, root)
+    check_exposure(cfg.auth, keys, host or cfg.host)
     if challenger is not None and (stage is None or challenger == stage):
         raise LmopsError(
             "--challenger needs --stage, and another stage: the challenger is compared with "
@@ -623,10 +629,12 @@ def serve(
             root / params.monitor.reports_dir,
             challenger_follow,
             challenger_engine,
+            keys,
         ),
         host or cfg.host,
         cfg.port if port is None else port,
         cfg.drain_seconds,
+        cfg.tls,
     )
 
 
@@ -674,7 +682,8 @@ def feedback_command(
     export: Annotated[
         Path | None,
         typer.Option(
-            help="Write every labelled logged text as a CSV (text, label) for data.source."
+            help="Write every labelled logged text as a CSV for data.source: text, label and "
+            "their provenance (served_label, feedback_key, feedback_at)."
         ),
     ] = None,
     with_source: Annotated[
@@ -685,12 +694,29 @@ def feedback_command(
             "data.source at the file retrains on the old data plus the labelled traffic.",
         ),
     ] = False,
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            help="With --export: only feedback written by this API key (repeatable; '-' for "
+            "feedback written without a key). Default: all of it.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="With --export: only feedback received at or after this ISO 8601 date or "
+            "time (UTC when it has no offset)."
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="With --export: only feedback received before this date or time."),
+    ] = None,
 ) -> None:
     """Delayed labels, joined to the traffic log by request id (as POST /v1/feedback does):
     each id is stored or refused with its reason; exit 1 if any was refused (the others
     are kept). The monitor then reports the realized accuracy beside the estimate."""
-    import csv
-
     from lmops import feedback
     from lmops.artifacts import ExportManifest
     from lmops.config import load_params
@@ -698,6 +724,13 @@ def feedback_command(
 
     if file is None and export is None:
         raise LmopsError("give a FILE of labels to store, or --export OUT.csv (or both)")
+    if export is None and (key or since or until):
+        raise LmopsError("--key, --since and --until choose what --export writes: give --export")
+    selection = feedback.Selection(
+        keys=frozenset(None if name == "-" else name for name in key) if key else None,
+        since=None if since is None else feedback.parse_instant(since, "--since"),
+        until=None if until is None else feedback.parse_instant(until, "--until"),
+    )
     root = Path.cwd()
     params = load_params(root)
     traffic_dir = root / params.serve.traffic.dir
@@ -714,26 +747,19 @@ def feedback_command(
         refused = sum(v.status != 200 for v in verdicts)
         typer.echo(f"stored {len(verdicts) - refused} of {len(verdicts)} request(s)' labels")
     if export is not None:
-        rows = list(feedback.labelled_traffic(traffic_dir))
-        labelled = len(rows)
-        if with_source:
-            from lmops.sources import read_labelled
+        from lmops.sources import read_labelled
 
-            frame = read_labelled(params.data.source, root).frame
-            served = {text for text, _ in rows}  # a text labelled again: the new label wins
-            rows = [
-                (text, label)
-                for text, label in zip(frame["text"], frame["label"].astype(str), strict=True)
-                if text not in served
-            ] + rows
-        export.parent.mkdir(parents=True, exist_ok=True)
-        with export.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(rows)
+        source = read_labelled(params.data.source, root).frame if with_source else None
+        written, by_key = feedback.write_export(export, traffic_dir, selection, source)
+        labelled = sum(by_key.values())
+        keys = ", ".join(
+            f"{name or '(no key)'} {n:,}"
+            for name, n in sorted(by_key.items(), key=lambda item: item[0] or "")
+        )
         typer.echo(
-            f"wrote {len(rows):,} text(s) to {export}: {labelled:,} labelled from the traffic"
-            + (f", {len(rows) - labelled:,} from {params.data.source}" if with_source else "")
+            f"wrote {written:,} text(s) to {export}: {labelled:,} labelled from the traffic"
+            + (f" ({keys})" if keys else "")
+            + (f", {written - labelled:,} from {params.data.source}" if with_source else "")
         )
     if refused:
         raise typer.Exit(1)
@@ -808,6 +834,53 @@ def labels_command(
         )
 
 
+keys_app = typer.Typer(help="API keys of the server's restricted endpoint groups.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+@_user_errors
+def keys_new(
+    name: Annotated[str, typer.Argument(help="Who holds the key (kept in feedback records).")],
+    groups: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated groups the key may use (default: every group)."),
+    ] = None,
+) -> None:
+    """Make a strong key and add it to serve.auth.keys_file (created with mode 600); the
+    key is printed once, for its holder. Without a keys file, print the
+    LMOPS_API_KEYS item instead."""
+    import os
+    import secrets
+
+    from lmops.config import ENDPOINT_GROUPS, load_params
+    from lmops.serving.auth import load_keys
+
+    root = Path.cwd()
+    auth = load_params(root).serve.auth
+    chosen = groups.split(",") if groups else []
+    if unknown := sorted(set(chosen) - set(ENDPOINT_GROUPS)):
+        raise LmopsError(f"unknown group(s) {unknown} (known: {', '.join(ENDPOINT_GROUPS)})")
+    path = root / auth.keys_file if auth.keys_file else None
+    known = (
+        auth if path is not None and path.exists() else auth.model_copy(update={"keys_file": None})
+    )
+    if name in {key.name for key in load_keys(known, root)}:
+        raise LmopsError(f"a key named {name!r} exists already")
+    secret = secrets.token_urlsafe(32)
+    if path is None:
+        typer.echo(f"{name}={secret}")
+        typer.echo("(serve.auth.keys_file is unset: add this item to LMOPS_API_KEYS)", err=True)
+        return
+    line = f"{name} {secret}" + (f" {','.join(chosen)}" if chosen else "") + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        handle.write(line)
+    load_keys(auth, root)  # the file still reads, and is still private
+    typer.echo(secret)
+    typer.echo(f"added key {name!r} to {path}; give it to its holder as LMOPS_API_KEY", err=True)
+
+
 @app.command("simulate-traffic")
 @_user_errors
 def simulate_traffic(
@@ -821,7 +894,11 @@ def simulate_traffic(
     ],
     n: Annotated[int, typer.Option(min=1, help="How many texts to send.")] = 500,
     url: Annotated[
-        str | None, typer.Option(help="The server (default: http://serve.host:serve.port).")
+        str | None,
+        typer.Option(
+            help="The server (default: serve.host:serve.port, https with serve.tls); "
+            "$LMOPS_API_KEY is sent as its bearer key."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per request.")] = 4,
     seed: Annotated[int, typer.Option(help="Which texts, in which order.")] = 0,
@@ -833,7 +910,7 @@ def simulate_traffic(
 
     root = Path.cwd()
     cfg = load_params(root).serve
-    target = (url or f"http://{cfg.host}:{cfg.port}").rstrip("/")
+    target = (url or cfg.pages_url).rstrip("/")
     texts = simulate.scenario_texts(scenario, n, seed, root, root / VALIDATED_DIR)
     answered = simulate.send(target, texts, batch_size)
     typer.echo(

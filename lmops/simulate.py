@@ -72,8 +72,10 @@ def send(url: str, texts: list[str], batch_size: int) -> int:
     """POST the texts to `{url}/v1/predict` in batches; returns how many were answered."""
     import httpx
 
+    from lmops.client import api_headers
+
     answered = 0
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, headers=api_headers(), timeout=60) as client:
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
             try:

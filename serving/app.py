@@ -42,9 +42,10 @@ from pydantic import BaseModel, Field, StrictStr
 
 from lmops import feedback, registry
 from lmops.artifacts import CorruptArtifact, DriftSummary
-from lmops.config import ServeConfig
+from lmops.config import ServeConfig, TlsConfig
 from lmops.engine import Engine, ExplainRefused
 from lmops.errors import LmopsError
+from lmops.serving.auth import ApiKeys, Key, load_keys
 from lmops.serving.batcher import MicroBatcher, Overloaded, TextRejected
 from lmops.serving.challenger import Challenger, ChallengerMetrics
 from lmops.serving.pages import EXAMPLE_TEXTS, landing_page, model_page, registry_index
@@ -322,13 +323,14 @@ def create_app(
     drift_dir: Path | None = None,
     challenger_follow: Following | None = None,
     challenger_engine: Engine | None = None,
+    keys: list[Key] | None = None,
 ) -> FastAPI:
-    """Serve `engine`; given `follow`, follow the version it names every
-    `serve.poll_seconds` with a hot swap (serving/swap.py). The registry's pages read
-    `root`'s git tags, and its latest drift verdict `drift_dir` (monitor.reports_dir).
-    Given `challenger_follow`, a challenger (`challenger_engine`, None until its version
-    loads) follows that stage beside prod, in the shadow and as a canary
-    (serving/challenger.py)."""
+    """Serve `engine`, its restricted endpoint groups behind `keys` (by default those of
+    $LMOPS_API_KEYS and serve.auth.keys_file; serving/auth.py). Given `follow`, follow the version
+    it names every `serve.poll_seconds` with a hot swap (serving/swap.py). The registry's pages read
+    `root`'s git tags, and its latest drift verdict `drift_dir` (monitor.reports_dir). Given
+    `challenger_follow`, a challenger (`challenger_engine`, None until its version loads) follows
+    that stage beside prod, in the shadow and as a canary (serving/challenger.py)."""
     metrics = Metrics(engine, cfg.model_name)
     traffic = TrafficLog(
         root / cfg.traffic.dir,
@@ -460,7 +462,10 @@ def create_app(
     # Set by the first SIGTERM (DrainingServer): not ready, still answering.
     app.state.draining = False
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
-
+    # Before the body is read, and inside the metrics, which count its 401s, 403s and 429s.
+    app.add_middleware(
+        ApiKeys, cfg=cfg.auth, keys=load_keys(cfg.auth, root) if keys is None else keys
+    )
     app.add_middleware(RequestMetrics, metrics=metrics, state=app.state)
 
     @app.exception_handler(ClientError)
@@ -675,7 +680,7 @@ def create_app(
     explaining = asyncio.Semaphore(1)
 
     @app.post("/v1/feedback", dependencies=[Depends(_require_json)])
-    async def v1_feedback(body: FeedbackRequest) -> ORJSONResponse:
+    async def v1_feedback(body: FeedbackRequest, request: Request) -> ORJSONResponse:
         """Delayed labels, joined to the traffic log by request id (lmops/feedback.py): 200
         stored, 404 no such request in the log, 422 labels that do not fit it, 507 the
         feedback file cannot be written. The monitor reports the realized accuracy."""
@@ -687,6 +692,7 @@ def create_app(
                 [(body.request_id, body.labels)],
                 live_model.engine.labels,
                 "api",
+                request.state.api_key,
             )
         except OSError as err:
             raise ClientError(507, f"the feedback could not be stored: {err}") from None
@@ -888,12 +894,14 @@ def create_app(
     return app
 
 
-def run_server(app: FastAPI, host: str, port: int, drain_seconds: float) -> None:
-    """Run `app` under uvicorn, draining on the first SIGTERM or Ctrl-C the way a load
-    balancer expects: `/v2/health/ready` answers 503 at once, every request is still
-    answered for `drain_seconds` (with `Connection: close`, so clients reconnect rather
-    than keep a line that is about to close), then uvicorn's graceful shutdown lets the
-    requests in flight finish. A second signal stops at once."""
+def run_server(
+    app: FastAPI, host: str, port: int, drain_seconds: float, tls: TlsConfig | None = None
+) -> None:
+    """Run `app` under uvicorn (over HTTPS given `tls`), draining on the first SIGTERM or Ctrl-C the
+    way a load balancer expects: `/v2/health/ready` answers 503 at once, every request is still
+    answered for `drain_seconds` (with `Connection: close`, so clients reconnect rather than keep a
+    line that is about to close), then uvicorn's graceful shutdown lets the requests in flight
+    finish. A second signal stops at once."""
     import threading
 
     import uvicorn
@@ -910,6 +918,12 @@ def run_server(app: FastAPI, host: str, port: int, drain_seconds: float) -> None
             return None
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        ssl_certfile=tls.certfile if tls else None,
+        ssl_keyfile=tls.keyfile if tls else None,
     )
     DrainingServer(config).run()

@@ -287,9 +287,16 @@ def tiny_export(
 
 
 def start_server(
-    command: list[str], cwd: Path, port: int, log: Path, preexec_fn: Callable[[], Any] | None = None
+    command: list[str],
+    cwd: Path,
+    port: int,
+    log: Path,
+    preexec_fn: Callable[[], Any] | None = None,
+    env: dict[str, str] | None = None,
+    ca: Path | None = None,
 ) -> subprocess.Popen:
-    """Start a server process (its output to `log`) and wait until /v2/health/ready says so."""
+    """Start a server process (its output to `log`) and wait until /v2/health/ready says so
+    (over https, trusting `ca`, when given one)."""
     import time
 
     import httpx
@@ -298,7 +305,7 @@ def start_server(
         server = subprocess.Popen(
             command,
             cwd=cwd,
-            env=tool_env(),
+            env=env or tool_env(),
             stdout=output,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
@@ -307,8 +314,10 @@ def start_server(
     while time.monotonic() < deadline:
         if server.poll() is not None:
             pytest.fail(f"server exited:\n{log.read_text('utf-8')}")
+        scheme = "http" if ca is None else "https"
+        ready = f"{scheme}://127.0.0.1:{port}/v2/health/ready"
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+            if httpx.get(ready, timeout=1, verify=str(ca) if ca else True).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
@@ -363,7 +372,14 @@ def serving_workspace(tiny_export: Callable[[int], Path], root: Path) -> Path:
     return root
 
 
-def serve(root: Path, preexec_fn: Callable[[], None] | None = None) -> tuple[str, subprocess.Popen]:
+def serve(
+    root: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    env: dict[str, str] | None = None,
+    ca: Path | None = None,
+) -> tuple[str, subprocess.Popen]:
+    """`lmops serve` in `root` on a free port, ready: (base URL, process); https when the
+    workspace's serve.tls is set and `ca` signed its certificate."""
     port = free_port()
     process = start_server(
         [sys.executable, "-m", "lmops", "serve", "--port", str(port)],
@@ -371,8 +387,10 @@ def serve(root: Path, preexec_fn: Callable[[], None] | None = None) -> tuple[str
         port,
         root / "server.log",
         preexec_fn=preexec_fn,
+        env=env,
+        ca=ca,
     )
-    return f"http://127.0.0.1:{port}", process
+    return f"{'http' if ca is None else 'https'}://127.0.0.1:{port}", process
 
 
 def run_lmops(
@@ -421,3 +439,45 @@ def page(tmp_path: Path) -> Iterator[Any]:
     opened = Page(tmp_path)
     yield opened
     opened.close()
+
+
+GUARD_KEYS = {
+    "alice": "alice-key-0123456789abcdef",  # every group
+    "bob": "bob-key-0123456789abcdef",  # every group; the rate-limit test's caller
+    "ci": "ci-key-0123456789abcdef",  # inference only (from the keys file)
+}
+GUARD_FEEDBACK_PER_MINUTE = 5
+
+
+def set_params(root: Path, **dotted: Any) -> None:
+    """Write dotted-key overrides (`serve__auth__restricted=[...]`) into `root`/params.yaml."""
+    path = root / "params.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    changed = override(raw, {k.replace("__", "."): v for k, v in dotted.items()})
+    path.write_text(yaml.safe_dump(changed, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def guarded(
+    tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """`lmops serve` with every restrictable group behind keys: alice and bob from
+    $LMOPS_API_KEYS, ci (inference only) from serve.auth.keys_file. (URL, workspace)."""
+    root = serving_workspace(tiny_export, tmp_path_factory.mktemp("guarded"))
+    keys_file = root / "api-keys"
+    keys_file.write_text(f"# name key groups\nci {GUARD_KEYS['ci']} inference\n")
+    keys_file.chmod(0o600)
+    set_params(
+        root,
+        serve__auth__restricted=["inference", "feedback", "pages", "metrics"],
+        serve__auth__keys_file="api-keys",
+        serve__auth__rate_limits__feedback=GUARD_FEEDBACK_PER_MINUTE,
+    )
+    listed = ",".join(f"{name}={GUARD_KEYS[name]}" for name in ("alice", "bob"))
+    url, process = serve(root, env=tool_env(LMOPS_API_KEYS=listed))
+    yield url, root
+    stop_server(process)
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {GUARD_KEYS[name]}"}

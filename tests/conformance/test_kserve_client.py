@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmops.engine import Engine
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, bearer
 
 pytestmark = pytest.mark.conformance
 
@@ -25,6 +25,7 @@ import asyncio, json, sys
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 url = sys.argv[1]
+headers = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
 
 
 def request(model, datatype, data):
@@ -34,7 +35,7 @@ def request(model, datatype, data):
 
 async def refused(client, model, datatype, data):
     try:
-        await client.infer(url, request(model, datatype, data), model_name=model)
+        await client.infer(url, request(model, datatype, data), model_name=model, headers=headers)
     except Exception as err:
         return str(err)
     return None
@@ -43,13 +44,15 @@ async def refused(client, model, datatype, data):
 async def main():
     client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
     out = {
-        "live": await client.is_server_live(url),
-        "ready": await client.is_server_ready(url),
-        "model_ready": await client.is_model_ready(url, "lmops"),
-        "unknown_model_ready": await client.is_model_ready(url, "nope"),
+        "live": await client.is_server_live(url, headers=headers),
+        "ready": await client.is_server_ready(url, headers=headers),
+        "model_ready": await client.is_model_ready(url, "lmops", headers=headers),
+        "unknown_model_ready": await client.is_model_ready(url, "nope", headers=headers),
     }
     texts = json.loads(sys.argv[2])
-    answer = await client.infer(url, request("lmops", "BYTES", texts), model_name="lmops")
+    answer = await client.infer(
+        url, request("lmops", "BYTES", texts), model_name="lmops", headers=headers
+    )
     out["outputs"] = {o.name: {"shape": o.shape, "data": list(o.data)} for o in answer.outputs}
     out["bad_input"] = await refused(client, "lmops", "FP32", [1.0])
     out["unknown_model"] = await refused(client, "nope", "BYTES", ["x"])
@@ -96,3 +99,26 @@ def test_kserve_sdk_lives_reads_and_infers(kserve_python: Path, served: tuple[st
     assert out["outputs"]["probabilities"]["shape"] == [2, len(engine.labels)]
     assert "datatype BYTES" in out["bad_input"]
     assert "unknown model 'nope'" in out["unknown_model"]
+
+
+def test_kserve_sdk_sends_a_key(kserve_python: Path, guarded: tuple[str, Path]) -> None:
+    """Through the SDK's own `headers=`: the key opens the restricted inference group."""
+    url, root = guarded
+    engine = Engine(root / "models" / "onnx", require_gpu=False, max_batch_size=32)
+    texts = ["物流很快，质量很好，很满意。"]
+
+    def run(*headers: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(kserve_python), "-c", CLIENT, url, json.dumps(texts), *headers],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    keyed = run(json.dumps(bearer("alice")))
+    assert keyed.returncode == 0, keyed.stderr
+    out = json.loads(keyed.stdout.strip().splitlines()[-1])
+    assert out["outputs"]["label"]["data"] == [p.label for p in engine.predict(texts)]
+    refused = run()
+    assert refused.returncode != 0
+    assert "401" in refused.stderr

@@ -14,6 +14,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from lmops.engine import Engine
+from tests.conftest import bearer
 
 pytestmark = pytest.mark.conformance
 
@@ -139,3 +140,22 @@ def test_a_request_without_content_type_is_read_as_json(served: tuple[str, Path]
         f"{url}/v2/models/lmops/infer", content=body, headers={"content-type": "text/plain"}
     )
     assert wrong.status_code == 415 and "error" in wrong.json()
+
+
+def test_tritonclient_sends_a_key(guarded: tuple[str, Path], engine: Engine) -> None:
+    """Restricted groups through tritonclient's own `headers=`: inference and statistics
+    with the key, 401 without it (health stays open)."""
+    url, _ = guarded
+    keyed = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert keyed.is_server_ready()
+    headers = bearer("alice")
+    answer = _infer(keyed, TEXTS, binary=True, headers=headers)
+    assert list(answer.as_numpy("label").astype(str)) == [p.label for p in engine.predict(TEXTS)]
+    assert keyed.get_model_metadata("lmops", headers=headers)["name"] == "lmops"
+    assert keyed.get_inference_statistics("lmops", headers=headers)["model_stats"]
+    for call in (
+        lambda: _infer(keyed, TEXTS, binary=True),
+        lambda: keyed.get_inference_statistics("lmops"),
+    ):
+        with pytest.raises(InferenceServerException, match="Authorization: Bearer KEY"):
+            call()
