@@ -2,13 +2,17 @@
 the working tree and from a git revision (a temporary worktree), on the same exported
 model and inputs, alternating rounds so drift in the machine's speed hits both alike.
 
-    .venv/bin/python -m bench.server_overhead --rev 5598bf7 [--model-dir models/onnx]
+    .venv/bin/python -m bench.server_overhead --rev 5598bf7 [--model-dir models/onnx] [--restricted]
 
 Without --model-dir it exports a tiny-profile model first (about a minute): a small model
 makes the server's own costs (parsing, batching, the traffic log) a large share of each
 request, which is what a change to the server can slow down. Writes
 reports/bench/server-overhead.json: texts/s, p50 and p99 per concurrency, per side, and
 the after/before ratios of their medians over rounds.
+
+With --restricted a third side runs in the same rounds: the working tree with the
+inference group behind a key (serve.auth.restricted), every request carrying it, so that
+the key check's cost shows beside the open server's (`restricted_vs_after`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lmops.stages import PIPELINE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
+BENCH_KEY = "bench-key-0123456789abcdef"
 
 
 def tiny_export(scratch: Path) -> tuple[Path, list[str]]:
@@ -54,8 +59,11 @@ def tiny_export(scratch: Path) -> tuple[Path, list[str]]:
     return work / "models" / "onnx", texts
 
 
-def workspace(scratch: Path, name: str, code: Path, model_dir: Path) -> Path:
-    """A serving folder with `code`'s own params.yaml (each revision's config is strict)."""
+def workspace(
+    scratch: Path, name: str, code: Path, model_dir: Path, restricted: bool = False
+) -> Path:
+    """A serving folder with `code`'s own params.yaml (each revision's config is strict);
+    `restricted`: the inference group behind BENCH_KEY."""
     root = scratch / name
     shutil.copytree(model_dir, root / "models" / "onnx")
     raw = yaml.safe_load((code / "params.yaml").read_text("utf-8"))
@@ -64,6 +72,8 @@ def workspace(scratch: Path, name: str, code: Path, model_dir: Path) -> Path:
     )
     if "drain_seconds" in raw["serve"]:
         raw["serve"]["drain_seconds"] = 0
+    if restricted:
+        raw["serve"]["auth"]["restricted"] = ["inference"]
     (root / "params.yaml").write_text(yaml.safe_dump(raw), "utf-8")
     return root
 
@@ -86,10 +96,12 @@ def importable(code: Path, shim: Path) -> tuple[Path, str]:
 
 
 def serve_and_load(
-    root: Path, code: Path, texts: list[str], seconds: float, port: int
+    root: Path, code: Path, texts: list[str], seconds: float, port: int, key: str | None = None
 ) -> dict[str, Any]:
     path, module = importable(code, root / ".code")
     env = {**os.environ, "PYTHONPATH": str(path)}
+    if key is not None:
+        env["LMOPS_API_KEYS"] = f"bench={key}"
     imported = subprocess.run(
         [sys.executable, "-c", f"import {module} as app; print(app.__file__)"],
         cwd=root,
@@ -109,7 +121,10 @@ def serve_and_load(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
-        return {f"clients_{n}": asyncio.run(load(url, texts, n, seconds)) for n in CONCURRENCY}
+        headers = None if key is None else {"Authorization": f"Bearer {key}"}
+        return {
+            f"clients_{n}": asyncio.run(load(url, texts, n, seconds, headers)) for n in CONCURRENCY
+        }
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -121,6 +136,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--restricted",
+        action="store_true",
+        help="Also the working tree with the inference group behind a key.",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "reports/bench/server-overhead.json")
     args = parser.parse_args()
 
@@ -140,15 +160,19 @@ def main() -> None:
                 model_dir = args.model_dir
                 texts = pd.read_parquet(ROOT / "data/validated/test.parquet")["text"].tolist()
             sides = {"before": before_code, "after": ROOT}
+            if args.restricted:
+                sides["restricted"] = ROOT
             roots = {
-                side: workspace(scratch, side, code, model_dir) for side, code in sides.items()
+                side: workspace(scratch, side, code, model_dir, side == "restricted")
+                for side, code in sides.items()
             }
             rounds: dict[str, list[dict]] = {side: [] for side in sides}
             for number in range(args.rounds):
                 for offset, side in enumerate(sides):
-                    port = 19_000 + os.getpid() % 500 + 2 * number + offset
+                    port = 19_000 + os.getpid() % 500 + 3 * number + offset
+                    key = BENCH_KEY if side == "restricted" else None
                     rounds[side].append(
-                        serve_and_load(roots[side], sides[side], texts, args.seconds, port)
+                        serve_and_load(roots[side], sides[side], texts, args.seconds, port, key)
                     )
         finally:
             subprocess.run(
@@ -157,7 +181,16 @@ def main() -> None:
                 capture_output=True,
             )
 
-    summary = side_by_side(rounds, "before", "after", CONCURRENCY)
+    summary = side_by_side(
+        {s: rounds[s] for s in ("before", "after")}, "before", "after", CONCURRENCY
+    )
+    if args.restricted:
+        summary = {
+            "open_vs_before": summary,
+            "restricted_vs_open": side_by_side(
+                {s: rounds[s] for s in ("after", "restricted")}, "after", "restricted", CONCURRENCY
+            ),
+        }
     facts = {
         "before_rev": subprocess.run(
             ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
@@ -166,6 +199,9 @@ def main() -> None:
         "model": "tiny profile" if args.model_dir is None else str(args.model_dir),
         "seconds_per_load": args.seconds,
         "rounds": args.rounds,
+        "restricted": "inference behind a key, every request carrying it"
+        if args.restricted
+        else None,
     }
     write_result(args.out, facts, summary, rounds)
 

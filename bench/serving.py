@@ -254,9 +254,16 @@ def wait_ready(url: str, seconds: float = 60) -> None:
     raise RuntimeError(f"the server at {url} was not ready within {seconds:g} s")
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
-    """Single-text requests from `clients` concurrent async clients. aiohttp, not httpx: the
-    load generator shares the machine's two cores with the server, so it must be light."""
+async def load(
+    url: str,
+    texts: list[str],
+    clients: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Single-text requests from `clients` concurrent async clients (each with `headers`).
+    aiohttp, not httpx: the load generator shares the machine's two cores with the server,
+    so it must be light."""
     import aiohttp
 
     latencies: list[float] = []
@@ -275,7 +282,7 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
             i += clients
 
     connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         started = time.perf_counter()
         await asyncio.gather(*(client(i, session) for i in range(clients)))
         elapsed = time.perf_counter() - started
