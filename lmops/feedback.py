@@ -9,21 +9,28 @@ whose newest line per id wins. Nothing accepted is ever dropped, nothing refused
 silently ignored.
 
 The monitor joins the window's records with these labels for the *realized* accuracy, and
-`lmops feedback --export` writes the labelled traffic as a CSV that `data.source` accepts.
+`lmops feedback --export` writes the labelled traffic as a CSV that `data.source` accepts,
+each label beside the one the model served and the key that wrote it: the validate stage
+holds each key's labels to the feedback contract before anything is trained on them.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmops.artifacts import FeedbackRecord, TrafficRecord, traffic_files
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FEEDBACK_FILE = "feedback.jsonl"
 _append_lock = threading.Lock()
@@ -137,28 +144,119 @@ def _ends_torn(path: Path) -> bool:
         return False
 
 
-def labels_by_request(traffic_dir: Path) -> dict[str, list[str]]:
-    """Every request's true labels given so far (the newest feedback per id wins)."""
+@dataclass(frozen=True)
+class Selection:
+    """Which feedback an export takes: written by one of `keys` (None in it: no key; `keys`
+    None: any key), received at or after `since` and before `until`."""
+
+    keys: frozenset[str | None] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def admits(self, record: FeedbackRecord) -> bool:
+        return (
+            (self.keys is None or record.key in self.keys)
+            and (self.since is None or record.received_at >= self.since)
+            and (self.until is None or record.received_at < self.until)
+        )
+
+
+def parse_instant(value: str, option: str) -> datetime:
+    """An ISO 8601 date or time from the command line; one without an offset is UTC."""
+    from lmops.errors import LmopsError
+
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise LmopsError(
+            f"{option} {value!r} is not an ISO 8601 date or time "
+            "(e.g. 2025-06-01 or 2025-06-01T08:30:00+08:00)"
+        ) from None
+    return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
+
+
+def latest_feedback(
+    traffic_dir: Path, selection: Selection = Selection()
+) -> dict[str, FeedbackRecord]:
+    """Each request's newest feedback record among those `selection` admits."""
     path = traffic_dir / FEEDBACK_FILE
     if not path.is_file():
         return {}
-    given: dict[str, list[str]] = {}
+    latest: dict[str, FeedbackRecord] = {}
     with path.open(encoding="utf-8", errors="replace") as handle:
         for line in handle:
-            if line.strip() and (record := FeedbackRecord.from_line(line)) is not None:
-                given[record.request_id] = record.labels
-    return given
+            record = FeedbackRecord.from_line(line) if line.strip() else None
+            if record is not None and selection.admits(record):
+                latest[record.request_id] = record
+    return latest
 
 
-def labelled_traffic(traffic_dir: Path) -> Iterator[tuple[str, str]]:
-    """(text, true label) of every logged text with feedback (texts kept as logged, with
+def labels_by_request(traffic_dir: Path) -> dict[str, list[str]]:
+    """Every request's true labels given so far (the newest feedback per id wins)."""
+    return {rid: record.labels for rid, record in latest_feedback(traffic_dir).items()}
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """A logged text with its true label, the label the model served, and who gave which."""
+
+    text: str
+    label: str
+    served_label: str
+    key: str | None
+    received_at: datetime
+
+
+def labelled_traffic(
+    traffic_dir: Path, selection: Selection = Selection()
+) -> Iterator[LabelledText]:
+    """Every logged text with feedback that `selection` admits (texts kept as logged, with
     personal data redacted; hashed-only records have no text to give)."""
-    given = labels_by_request(traffic_dir)
+    given = latest_feedback(traffic_dir, selection)
     requests = find_requests(traffic_dir, set(given))
     for rid, records in requests.items():
-        for record, label in zip(records, given[rid], strict=False):
+        feedback = given[rid]
+        for record, label in zip(records, feedback.labels, strict=False):
             if record.text is not None:
-                yield record.text, label
+                yield LabelledText(
+                    record.text, label, record.label, feedback.key, feedback.received_at
+                )
+
+
+def write_export(
+    path: Path, traffic_dir: Path, selection: Selection, source: pd.DataFrame | None = None
+) -> tuple[int, Counter[str | None]]:
+    """`lmops feedback --export`: the labelled traffic `selection` admits, as a CSV that
+    data.source reads, each row with its provenance (PROVENANCE_COLUMNS). `source`'s own
+    rows come first with their provenance empty, less the texts labelled again (the new
+    label wins). Returns the rows written and the labelled texts per key."""
+    import csv
+
+    from lmops.sources import PROVENANCE_COLUMNS
+
+    labelled = list(labelled_traffic(traffic_dir, selection))
+    rows = [
+        (item.text, item.label, item.served_label, item.key or "", item.received_at.isoformat())
+        for item in labelled
+    ]
+    if source is not None:
+        if "served_label" in source.columns:
+            # An earlier export's labelled traffic is taken afresh from the feedback log,
+            # under this selection: kept as plain rows, it would escape both.
+            source = source[source["served_label"].fillna("").astype(str).str.strip() == ""]
+        relabelled = {item.text for item in labelled}
+        blank = ("",) * len(PROVENANCE_COLUMNS)
+        rows = [
+            (text, label, *blank)
+            for text, label in zip(source["text"], source["label"].astype(str), strict=True)
+            if text not in relabelled
+        ] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label", *PROVENANCE_COLUMNS])
+        writer.writerows(rows)
+    return len(rows), Counter(item.key for item in labelled)
 
 
 def read_items(path: Path) -> list[tuple[str, list[str]]]:

@@ -20,6 +20,12 @@ from lmops.errors import DataError
 
 TABULAR_SUFFIXES = {".csv", ".jsonl", ".json", ".parquet", ".pq"}
 CORPUS_SUFFIXES = TABULAR_SUFFIXES | {".txt"}
+# Labelled traffic in a labelled source (`lmops feedback --export`): beside text and label,
+# the label the model served, the API key that wrote the true label (empty: none) and when.
+# A row with a served label is labelled traffic; the source's own rows leave these empty.
+PROVENANCE_COLUMNS = ("served_label", "feedback_key", "feedback_at")
+# The ingested feedback table: the labelled traffic among the rows, for the feedback contract.
+FEEDBACK_COLUMNS = ("text", "label", "served_label", "feedback_key")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from lmops.artifacts import DataManifest
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import DataConfig
 from lmops.errors import DataError
-from lmops.sources import content_sha256, read_corpus, read_labelled
+from lmops.sources import FEEDBACK_COLUMNS, content_sha256, read_corpus, read_labelled
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,30 @@ def _clean_labels(labels: pd.Series, key: str) -> pd.Series:
     return labels
 
 
+def _as_text(value: object) -> str:
+    """A served label or key name as the source holds it: empty for none, and an integer
+    that a CSV reader made a float (1.0, beside empty cells) written as the integer."""
+    if pd.isna(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _feedback_rows(raw: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """The labelled traffic among the cleaned rows (`frame`, in `raw`'s order): those with a
+    served label, with the key that wrote the label ("" for none). Taken before duplicates
+    are dropped: the contract judges every label a key gave, trained on or not."""
+    if "served_label" not in raw.columns:
+        return pd.DataFrame({column: pd.Series(dtype=str) for column in FEEDBACK_COLUMNS})
+    keys = raw["feedback_key"] if "feedback_key" in raw.columns else pd.Series("", raw.index)
+    table = frame.assign(
+        served_label=raw["served_label"].map(_as_text).to_numpy(),
+        feedback_key=keys.map(_as_text).to_numpy(),
+    )
+    return table[table["served_label"] != ""][list(FEEDBACK_COLUMNS)].reset_index(drop=True)
+
+
 def _deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
     """Drop exact duplicates, then every text that carries more than one label."""
     unique = frame.drop_duplicates(["text", "label"])
@@ -129,7 +153,10 @@ def _stratified_split(frame: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.Data
     }
 
 
-def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFrame], dict]:
+def labelled_dataset(
+    cfg: DataConfig, root: Path
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict]:
+    """The splits, the labelled traffic among the rows (`_feedback_rows`), and a summary."""
     raw = read_labelled(cfg.source, root)
     frame = pd.DataFrame(
         {
@@ -137,6 +164,7 @@ def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFram
             "label": _clean_labels(raw.frame["label"], "data.source"),
         }
     )
+    feedback = _feedback_rows(raw.frame, frame)
     frame, duplicates, conflicting = _deduplicate(frame)
     classes = sorted(frame["label"].unique())
     if len(classes) < 2:
@@ -165,7 +193,7 @@ def labelled_dataset(cfg: DataConfig, root: Path) -> tuple[dict[str, pd.DataFram
         },
         "labels": classes,
     }
-    return splits, summary
+    return splits, feedback, summary
 
 
 def corpus_dataset(cfg: DataConfig, root: Path, eval_texts: set[str]) -> tuple[pd.DataFrame, dict]:
@@ -191,11 +219,13 @@ def corpus_dataset(cfg: DataConfig, root: Path, eval_texts: set[str]) -> tuple[p
 
 
 def run(cfg: DataConfig, root: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
-    """Read, clean and split; write `{train,val,test,corpus}.parquet` and `manifest.json`."""
-    splits, labelled = labelled_dataset(cfg, root)
+    """Read, clean and split; write `{train,val,test,corpus,feedback}.parquet` and
+    `manifest.json`. The feedback table repeats the labelled-traffic rows (they are trained
+    on like any other) with their served label and key, for the validate stage's contract."""
+    splits, feedback, labelled = labelled_dataset(cfg, root)
     eval_texts = set(splits["val"]["text"]) | set(splits["test"]["text"])
     corpus, corpus_summary = corpus_dataset(cfg, root, eval_texts)
-    tables = {**splits, "corpus": corpus}
+    tables = {**splits, "corpus": corpus, "feedback": feedback}
     manifest = DataManifest(
         normalization=cfg.normalization,
         split=cfg.split.model_dump(),

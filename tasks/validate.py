@@ -1,4 +1,5 @@
-"""Validate: the data contract, as Great Expectations suites over every split and the corpus.
+"""Validate: the data contract, as Great Expectations suites over every split and the corpus,
+and the feedback contract over the labelled traffic among the rows.
 
 A failing batch stops the run: it is copied with GX's result and Data Docs to
 `data/quarantine/<timestamp>/`, the error names each failed expectation with a few
@@ -31,11 +32,14 @@ from lmops.atomic import atomic_dir, write_json
 from lmops.config import ValidationConfig
 from lmops.datadocs import make_offline
 from lmops.errors import DataError, ValidationFailed
-from lmops.sources import content_sha256
+from lmops.sources import FEEDBACK_COLUMNS, content_sha256
 
 log = logging.getLogger(__name__)
 
 TABLES = ("train", "val", "test", "corpus")
+# The labelled traffic among the labelled rows (ingest's feedback.parquet): checked by the
+# feedback contract when it has rows, and published beside the tables.
+FEEDBACK = "feedback"
 # U+FFFD marks bytes a decoder could not read; NUL and stray surrogates are never text.
 UNREADABLE = r"[\ufffd\x00\ud800-\udfff]"
 DOCS_SITE = "lmops"
@@ -43,10 +47,11 @@ RESULTS_DIR = "results"  # GX's stored validation results, inside the Data Docs 
 
 
 def _load(ingested_dir: Path) -> dict[str, pd.DataFrame]:
-    missing = [t for t in TABLES if not (ingested_dir / f"{t}.parquet").is_file()]
+    names = (*TABLES, FEEDBACK)
+    missing = [t for t in names if not (ingested_dir / f"{t}.parquet").is_file()]
     if missing:
         raise DataError(f"{ingested_dir}: no ingested {', '.join(missing)} (run ingest first)")
-    return {t: pd.read_parquet(ingested_dir / f"{t}.parquet") for t in TABLES}
+    return {t: pd.read_parquet(ingested_dir / f"{t}.parquet") for t in names}
 
 
 def _text_expectations(gxe: Any, cfg: ValidationConfig, min_rows: int) -> list[Any]:
@@ -116,6 +121,58 @@ def build_suites(
     return suites
 
 
+def feedback_suite(
+    gx: Any, cfg: ValidationConfig, labels: list[str], feedback: pd.DataFrame, train: pd.DataFrame
+) -> Any:
+    """The feedback contract (validation.feedback) over the labelled traffic: its labels are
+    the data's, each class's share is near its share of train, and each key's labels agree
+    with what the model served often enough. An honest labeller agrees about as often as
+    the model is right; a flood of flipped labels almost never does."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    contract, rows = cfg.feedback, len(feedback)
+    suite = gx.ExpectationSuite(name="lmops_feedback")
+    suite.add_expectation(
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(FEEDBACK_COLUMNS), exact_match=True)
+    )
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels))
+    shares = train["label"].value_counts(normalize=True)
+    for label in labels:
+        share = float(shares.get(label, 0.0))
+        # Rounded first, as in _class_share; too few rows for any count to fit the band: the
+        # nearest count above it.
+        low = max(0, math.ceil(round((share - contract.max_class_shift) * rows, 9)))
+        high = max(low, math.floor(round((share + contract.max_class_shift) * rows, 9)))
+        suite.add_expectation(
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value=low,
+                max_value=high,
+                row_condition=Column("label") == label,
+                description=(
+                    f"{low:,} to {high:,} of the {rows:,} feedback rows are labelled {label!r}: "
+                    f"its share of train ({share:.1%}) ± validation.feedback.max_class_shift "
+                    f"({contract.max_class_shift:g})"
+                ),
+            )
+        )
+    for key in sorted(feedback["feedback_key"].unique()):
+        who = f"key {key!r}" if key else "no key (open feedback)"
+        suite.add_expectation(
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="label",
+                column_B="served_label",
+                mostly=contract.min_agreement,
+                row_condition=Column("feedback_key") == key,
+                description=(
+                    f"Labels written with {who} agree with the served label on at least "
+                    f"{contract.min_agreement:.0%} of its rows (validation.feedback.min_agreement)"
+                ),
+            )
+        )
+    return suite
+
+
 def _batches(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     together = pd.concat(
         [tables[s].assign(split=s) for s in ("train", "val", "test")], ignore_index=True
@@ -170,6 +227,14 @@ def _offending_rows(result: Any, frame: pd.DataFrame) -> str:
     return f"observed {observed!r}" if observed is not None else ""
 
 
+def _agreement(result: Any) -> str:
+    """How often a key's labels equalled the served ones (GX counts the rows the key's
+    condition selects)."""
+    counted = result.result["element_count"]  # at least one: a key is there for its rows
+    agreed = counted - result.result["unexpected_count"]
+    return f"agreed on {agreed:,} of {counted:,} rows ({agreed / counted:.1%})"
+
+
 def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
     config = result.expectation_config
     kwargs = {k: v for k, v in config.kwargs.items() if k not in {"batch_id"}}
@@ -177,11 +242,12 @@ def _describe_failure(batch: str, result: Any, frame: pd.DataFrame) -> str:
         kwargs = {k: v for k, v in kwargs.items() if k in {"column", "mostly"}}
     what = repr(config.description) if config.description else kwargs
     raised = result.exception_info.get("raised_exception")
-    detail = (
-        f"could not be evaluated: {result.exception_info.get('exception_message')}"
-        if raised
-        else _offending_rows(result, frame)
-    )
+    if raised:
+        detail = f"could not be evaluated: {result.exception_info.get('exception_message')}"
+    elif config.type == "expect_column_pair_values_to_be_equal":
+        detail = f"{_agreement(result)}; {_offending_rows(result, frame)}"
+    else:
+        detail = _offending_rows(result, frame)
     return f"{batch}: {config.type} {what} failed — {detail}"
 
 
@@ -238,7 +304,8 @@ def validate_tables(
     labels: list[str],
     run_name: str,
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Run every suite; return the failure lines, per-batch stats and GX's raw results.
+    """Run every suite (the feedback contract when the feedback table has rows); return the
+    failure lines, per-batch stats and GX's raw results.
 
     Every batch is validated under one run (`run_name`, now), so the Data Docs index shows
     the batches of one run together; the pages are then made to read offline."""
@@ -254,7 +321,10 @@ def validate_tables(
     raw_results: dict[str, Any] = {}
     batches = _batches(tables)
     rows = {split: len(frame) for split, frame in batches.items()}
-    for batch, suite in build_suites(gx, cfg, labels, rows).items():
+    suites = build_suites(gx, cfg, labels, rows)
+    if rows[FEEDBACK]:
+        suites[FEEDBACK] = feedback_suite(gx, cfg, labels, tables[FEEDBACK], tables["train"])
+    for batch, suite in suites.items():
         frame = batches[batch]
         definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
         validation = context.validation_definitions.add(
@@ -401,7 +471,7 @@ def run(
                 manifest.personal_data.found,
             )
         with atomic_dir(validated_dir) as scratch:
-            for name in TABLES:
+            for name in tables:
                 if name in redacted:
                     redacted[name].to_parquet(scratch / f"{name}.parquet", index=False)
                 else:

@@ -69,6 +69,12 @@ def test_feedback_needs_a_key_and_records_its_name(guarded: tuple[str, Path]) ->
     request_id, labels = _predicted(url, bearer("alice"))
     body = {"request_id": request_id, "labels": labels}
     assert httpx.post(f"{url}/v1/feedback", json=body, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer not-a-key-0123456789"}
+    assert httpx.post(f"{url}/v1/feedback", json=body, headers=wrong, timeout=30).status_code == 403
+    assert (
+        httpx.post(f"{url}/v1/feedback", json=body, headers=bearer("ci"), timeout=30).status_code
+        == 403
+    )
     stored = httpx.post(f"{url}/v1/feedback", json=body, headers=bearer("alice"), timeout=30)
     assert stored.status_code == 200, stored.text
     records = (root / "data" / "traffic" / "feedback.jsonl").read_text().splitlines()

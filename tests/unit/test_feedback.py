@@ -56,7 +56,7 @@ def test_the_newest_feedback_for_an_id_wins_and_a_torn_line_is_skipped(tmp_path:
     with (tmp_path / feedback.FEEDBACK_FILE).open("a", encoding="utf-8") as handle:
         handle.write('{"received_at": "2026-')  # a write cut short by a crash
     assert feedback.labels_by_request(tmp_path) == {"a": ["positive"]}
-    assert list(feedback.labelled_traffic(tmp_path)) == [("t", "positive")]
+    assert [(t.text, t.label) for t in feedback.labelled_traffic(tmp_path)] == [("t", "positive")]
     # The next feedback after the crash starts on its own line and is read.
     feedback.submit(tmp_path, [("a", ["negative"])], ["negative", "positive"], "file")
     assert feedback.labels_by_request(tmp_path) == {"a": ["negative"]}

@@ -75,7 +75,7 @@ def test_csv_jsonl_and_parquet_give_the_same_dataset(
         cfg = params_with(
             repo_params_raw, data__source=str(source), data__corpus=str(corpus_txt)
         ).data
-        splits, summary = ingest.labelled_dataset(cfg, tmp_path)
+        splits, _, summary = ingest.labelled_dataset(cfg, tmp_path)
         assert summary["labels"] == ["0", "1"]
         hashes.add(tuple(ingest.content_sha256(splits[s]) for s in ingest.SPLITS))
     assert len(hashes) == 1
@@ -123,7 +123,7 @@ def test_normalisation_duplicates_and_conflicts_are_counted(
     )
     source = _write_labelled(tmp_path / "d.jsonl", pd.concat([frame, extra]))
     cfg = params_with(repo_params_raw, data__source=str(source), data__corpus=str(corpus_txt)).data
-    splits, summary = ingest.labelled_dataset(cfg, tmp_path)
+    splits, _, summary = ingest.labelled_dataset(cfg, tmp_path)
     everything = pd.concat(splits.values())
     assert "full width 123" in set(everything["text"])
     assert "ambiguous" not in set(everything["text"])
@@ -146,7 +146,7 @@ def test_max_rows_takes_a_stratified_sample(
     cfg = params_with(
         repo_params_raw, data__source=str(source), data__corpus=str(corpus_txt), data__max_rows=60
     ).data
-    splits, summary = ingest.labelled_dataset(cfg, tmp_path)
+    splits, _, summary = ingest.labelled_dataset(cfg, tmp_path)
     assert sum(len(s) for s in splits.values()) == 60
     assert summary["dropped"]["sampled_out"] == 140
     assert splits["train"]["label"].value_counts().nunique() == 1
@@ -160,7 +160,7 @@ def test_csv_with_embedded_newlines_and_quotes_parses_whole(
     source = _write_labelled(tmp_path / "d.csv", frame)
     assert '""great""' in source.read_text("utf-8")
     cfg = params_with(repo_params_raw, data__source=str(source), data__corpus=str(corpus_txt)).data
-    splits, _ = ingest.labelled_dataset(cfg, tmp_path)
+    splits, _, _ = ingest.labelled_dataset(cfg, tmp_path)
     assert tricky in set(pd.concat(splits.values())["text"])
 
 
@@ -185,3 +185,33 @@ def test_a_failed_ingest_writes_nothing(repo_params_raw: dict, tmp_path: Path) -
         ingest.run(cfg, tmp_path, out, tmp_path / "m.json")
     assert (out / "train.parquet").read_bytes() == b"previous"
     assert not (tmp_path / "m.json").exists()
+
+
+def test_labelled_traffic_rows_become_the_feedback_table(
+    repo_params_raw: dict, tmp_path: Path, corpus_txt: Path
+) -> None:
+    """An export's rows with a served label (`lmops feedback --export --with-source`): CSV
+    reads integer labels beside empty cells as floats, and a missing key as empty."""
+    frame = _labelled_frame(20).assign(served_label=None, feedback_key=None, feedback_at=None)
+    traffic = pd.DataFrame(
+        {
+            "text": ["  served once ", "served twice", "served thrice"],
+            "label": [1, 0, 0],
+            "served_label": [1, 1, 0],
+            "feedback_key": ["alice", None, "alice"],
+            "feedback_at": ["2026-01-01T00:00:00+00:00"] * 3,
+        }
+    )
+    source = _write_labelled(tmp_path / "d.csv", pd.concat([frame, traffic]))
+    cfg = params_with(repo_params_raw, data__source=str(source), data__corpus=str(corpus_txt)).data
+    splits, feedback, _ = ingest.labelled_dataset(cfg, tmp_path)
+    assert feedback.to_dict("records") == [
+        {"text": "served once", "label": "1", "served_label": "1", "feedback_key": "alice"},
+        {"text": "served twice", "label": "0", "served_label": "1", "feedback_key": ""},
+        {"text": "served thrice", "label": "0", "served_label": "0", "feedback_key": "alice"},
+    ]
+    assert sum(len(split) for split in splits.values()) == 43  # trained on like any row
+    assert list(splits["train"].columns) == ["text", "label"]
+    plain = _write_labelled(tmp_path / "plain.csv", _labelled_frame(20))
+    cfg = params_with(repo_params_raw, data__source=str(plain), data__corpus=str(corpus_txt)).data
+    assert ingest.labelled_dataset(cfg, tmp_path)[1].empty
