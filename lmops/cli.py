@@ -713,6 +713,14 @@ def feedback_command(
         str | None,
         typer.Option(help="With --export: only feedback received before this date or time."),
     ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Send FILE's labels to this running server's POST /v1/feedback (with "
+            "$LMOPS_API_KEY as its bearer key, waiting out 429s) instead of writing the "
+            "local traffic folder."
+        ),
+    ] = None,
 ) -> None:
     """Delayed labels, joined to the traffic log by request id (as POST /v1/feedback does):
     each id is stored or refused with its reason; exit 1 if any was refused (the others
@@ -735,12 +743,19 @@ def feedback_command(
     params = load_params(root)
     traffic_dir = root / params.serve.traffic.dir
     refused = 0
+    if url is not None and (file is None or export is not None):
+        raise LmopsError("--url sends a FILE of labels to a server: give FILE, without --export")
     if file is not None:
         if not file.is_file():
             raise LmopsError(f"no feedback file at {file}")
-        _, model_dir, _ = reference_model(root, params)
-        labels = ExportManifest.of(model_dir).labels
-        verdicts = feedback.submit(traffic_dir, feedback.read_items(file), labels, "file")
+        if url is not None:
+            from lmops.client import send_feedback
+
+            verdicts = send_feedback(url.rstrip("/"), feedback.read_items(file))
+        else:
+            _, model_dir, _ = reference_model(root, params)
+            labels = ExportManifest.of(model_dir).labels
+            verdicts = feedback.submit(traffic_dir, feedback.read_items(file), labels, "file")
         for verdict in verdicts:
             if verdict.status != 200:
                 typer.echo(f"{verdict.status} {verdict.request_id}: {verdict.detail}", err=True)

@@ -445,6 +445,7 @@ GUARD_KEYS = {
     "alice": "alice-key-0123456789abcdef",  # every group
     "bob": "bob-key-0123456789abcdef",  # every group; the rate-limit test's caller
     "ci": "ci-key-0123456789abcdef",  # inference only (from the keys file)
+    "dana": "dana-key-0123456789abcdef",  # every group; lmops feedback --url's caller
 }
 GUARD_FEEDBACK_PER_MINUTE = 5
 
@@ -461,7 +462,7 @@ def set_params(root: Path, **dotted: Any) -> None:
 def guarded(
     tiny_export: Callable[[int], Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
-    """`lmops serve` with every restrictable group behind keys: alice and bob from
+    """`lmops serve` with every restrictable group behind keys: alice, bob and dana from
     $LMOPS_API_KEYS, ci (inference only) from serve.auth.keys_file. (URL, workspace)."""
     root = serving_workspace(tiny_export, tmp_path_factory.mktemp("guarded"))
     keys_file = root / "api-keys"
@@ -473,7 +474,7 @@ def guarded(
         serve__auth__keys_file="api-keys",
         serve__auth__rate_limits__feedback=GUARD_FEEDBACK_PER_MINUTE,
     )
-    listed = ",".join(f"{name}={GUARD_KEYS[name]}" for name in ("alice", "bob"))
+    listed = ",".join(f"{name}={GUARD_KEYS[name]}" for name in ("alice", "bob", "dana"))
     url, process = serve(root, env=tool_env(LMOPS_API_KEYS=listed))
     yield url, root
     stop_server(process)

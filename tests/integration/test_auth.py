@@ -184,6 +184,28 @@ def test_lmops_clients_send_the_key(guarded: tuple[str, Path], tiny_validated: P
     assert "6 answered" in sent.stdout
 
 
+def test_lmops_feedback_sends_labels_with_the_key(guarded: tuple[str, Path]) -> None:
+    url, root = guarded
+    request_id, labels = _predicted(url, bearer("dana"))
+    items = root / "labels.jsonl"
+    items.write_text(
+        json.dumps({"request_id": request_id, "labels": labels})
+        + "\n"
+        + json.dumps({"request_id": "never-served", "labels": ["x"]})
+        + "\n"
+    )
+    args = ("feedback", str(items), "--url", url)
+    refused = run_lmops(root, *args)
+    assert refused.returncode == 1 and "401" in refused.stderr and "LMOPS_API_KEY" in refused.stderr
+    sent = run_lmops(root, *args, env=tool_env(LMOPS_API_KEY=GUARD_KEYS["dana"]))
+    assert sent.returncode == 1  # one of the two ids was never served
+    assert "stored 1 of 2" in sent.stdout and "404 never-served" in sent.stderr
+    records = (root / "data" / "traffic" / "feedback.jsonl").read_text().splitlines()
+    assert json.loads(records[-1]) | {"key": "dana", "request_id": request_id} == json.loads(
+        records[-1]
+    )
+
+
 def test_serving_on_a_reachable_address_wants_feedback_closed(tmp_path: Path) -> None:
     shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", tmp_path / "params.yaml")
     refused = run_lmops(tmp_path, "serve", "--host", "0.0.0.0")
