@@ -15,9 +15,29 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from lmops.config import Params, override, parse_params, profile_overrides, read_raw
 from lmops.stages import TOKENIZER_DIR, VALIDATED_DIR
+
+
+def pack(tokenizer: Any, texts: list[str], seq_len: int) -> Any:
+    """Concatenate documents separated by [SEP] and cut them into `[CLS] … [SEP]` rows, in
+    memory: the Hugging Face Trainer's side of this bench (pretraining itself reads its rows
+    from token files, lmops/tokens.py)."""
+    import torch
+
+    body = seq_len - 2
+    # The backend directly: documents are longer than a sequence on purpose here.
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stream = [token for doc in ids for token in (*doc, tokenizer.sep_token_id)]
+    rows = len(stream) // body
+    if rows == 0:
+        return torch.empty((0, seq_len), dtype=torch.long)
+    chunks = torch.tensor(stream[: rows * body], dtype=torch.long).view(rows, body)
+    cls = torch.full((rows, 1), tokenizer.cls_token_id, dtype=torch.long)
+    sep = torch.full((rows, 1), tokenizer.sep_token_id, dtype=torch.long)
+    return torch.cat([cls, chunks, sep], dim=1)
 
 
 def _params(root: Path, profile: str, steps: int) -> Params:
@@ -38,6 +58,7 @@ def ours(params: Params, root: Path, scratch: Path) -> dict:
         root / TOKENIZER_DIR,
         root / VALIDATED_DIR,
         scratch / "ours",
+        scratch / "tokens",
         scratch / "ckpt",
         scratch / "live",
         scratch / "ours.json",
@@ -53,7 +74,7 @@ def hf_trainer(params: Params, root: Path, scratch: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lmops.modeling import language_model, load_tokenizer
-    from lmops.tasks.pretrain import _collator, pack
+    from lmops.tasks.pretrain import _collator
 
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     texts = [

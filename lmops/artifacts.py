@@ -110,6 +110,34 @@ class DataManifest(_Artifact):
         return cls.read(data_dir / cls.FILE)
 
 
+# -- data/tokens/<split>/manifest.json (pretrain writes and reads; lmops/tokens.py) --------
+
+
+class TokenShard(_Artifact):
+    file: str  # inside the token folder: tokens-00000.bin, ...
+    tokens: int
+    sha256: str
+
+
+class TokenManifest(_Artifact):
+    """Token files: texts tokenized once into flat shards of token ids, each document
+    followed by `separator`, read back through memory maps (lmops/tokens.py)."""
+
+    FILE: ClassVar[str] = "manifest.json"
+
+    dtype: Literal["uint16", "uint32"]
+    vocab_size: int
+    separator: int
+    documents: int
+    tokens: int
+    tokenizer_sha256: str
+    shards: list[TokenShard]
+
+    @classmethod
+    def of(cls, token_dir: Path) -> TokenManifest:
+        return cls.read(token_dir / cls.FILE)
+
+
 # -- models/base/manifest.json and reports/base.json (the base stage writes; the card reads)
 
 

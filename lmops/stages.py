@@ -27,6 +27,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_METRICS = Path("reports/tokenizer.json")
 PRETRAINED_DIR = Path("models/pretrained")
 PRETRAIN_CHECKPOINTS = Path("models/checkpoints/pretrain")
+TOKENS_DIR = Path("data/tokens")  # pretraining's token files (lmops/tokens.py)
 PRETRAIN_LIVE = Path("reports/dvclive/pretrain")
 PRETRAIN_METRICS = Path("reports/pretrain.json")
 FINETUNED_DIR = Path("models/finetuned")
@@ -88,7 +89,7 @@ WRITES: dict[str, list[Path]] = {
     "validate": [VALIDATED_DIR, VALIDATION_DOCS_DIR, VALIDATION_METRICS],
     "labels": [LABELS_DIR, LABELS_PAGE_DIR, LABELS_METRICS],
     "tokenizer": [TOKENIZER_DIR, TOKENIZER_METRICS],
-    "pretrain": [PRETRAINED_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
+    "pretrain": [PRETRAINED_DIR, TOKENS_DIR, PRETRAIN_LIVE, PRETRAIN_METRICS],
     "finetune": [FINETUNED_DIR, FINETUNE_LIVE, FINETUNE_METRICS],
     "distill": [STUDENT_DIR, DISTILL_METRICS],
     "evaluate": [PLOTS_DIR, MODEL_CARD, ERRORS, METRICS],

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
+from lmops import tokens
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import ModelConfig, PretrainConfig
 from lmops.errors import DataError
 from lmops.modeling import count_parameters, language_model, load_tokenizer
+from lmops.tokens import Windows
 from lmops.trainloop import (
     LossOutput,
     accelerator_for,
@@ -37,23 +39,6 @@ from lmops.trainloop import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def pack(tokenizer: Any, texts: list[str], seq_len: int) -> Any:
-    """Concatenate documents separated by [SEP] and cut them into `[CLS] … [SEP]` rows."""
-    import torch
-
-    body = seq_len - 2
-    # The backend directly: documents are longer than a sequence on purpose here.
-    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-    stream = [token for doc in ids for token in (*doc, tokenizer.sep_token_id)]
-    rows = len(stream) // body
-    if rows == 0:
-        return torch.empty((0, seq_len), dtype=torch.long)
-    chunks = torch.tensor(stream[: rows * body], dtype=torch.long).view(rows, body)
-    cls = torch.full((rows, 1), tokenizer.cls_token_id, dtype=torch.long)
-    sep = torch.full((rows, 1), tokenizer.sep_token_id, dtype=torch.long)
-    return torch.cat([cls, chunks, sep], dim=1)
 
 
 def _collator(tokenizer: Any, architecture: str, mask_probability: float) -> Any:
@@ -113,22 +98,16 @@ def lm_flops_per_token(config: Any, seq_len: int, mask_probability: float, ngram
     return flops_per_token(config, seq_len, hidden * vocab)
 
 
-def unigram_perplexity(train_rows: Any, val_rows: Any, tokenizer: Any) -> float:
+def unigram_perplexity(train: Windows, val: Windows, tokenizer: Any) -> float:
     """Perplexity on the validation tokens of a model that knows only the training token
     frequencies (add-one smoothed) — the level a language model that learnt nothing sits
     at. Masked positions are drawn uniformly from non-special tokens, so this is the
     masked-LM loss's floor too."""
-    import torch
-
-    special = torch.tensor(tokenizer.all_special_ids)
     vocab = len(tokenizer)
-
-    def counts(rows: Any) -> Any:
-        tokens = rows.flatten()
-        return torch.bincount(tokens[~torch.isin(tokens, special)], minlength=vocab).double()
-
-    train_counts, val_counts = counts(train_rows), counts(val_rows)
-    log_p = torch.log((train_counts + 1) / (train_counts.sum() + vocab))
+    special = list(tokenizer.all_special_ids)
+    train_counts, val_counts = (w.token_counts(vocab).astype(np.float64) for w in (train, val))
+    train_counts[special] = val_counts[special] = 0
+    log_p = np.log((train_counts + 1) / (train_counts.sum() + vocab))
     return perplexity(float(-(val_counts * log_p).sum() / val_counts.sum()))
 
 
@@ -154,10 +133,13 @@ def _language_model_from(init_dir: Path, model_cfg: ModelConfig, dropout: float)
     )
 
 
-def _skip(out_dir: Path, live_dir: Path, metrics_path: Path, why: str) -> dict[str, Any]:
+def _skip(
+    out_dir: Path, token_dir: Path, live_dir: Path, metrics_path: Path, why: str
+) -> dict[str, Any]:
     metrics = {"objective": f"none ({why})", "steps": 0}
-    with atomic_dir(out_dir) as scratch:
-        write_json(scratch / "skipped.json", metrics)
+    for folder in (out_dir, token_dir):
+        with atomic_dir(folder) as scratch:
+            write_json(scratch / "skipped.json", metrics)
     # The stage's other outputs exist too, saying why they hold no curves (DVC wants them).
     write_json(live_dir / "skipped.json", metrics)
     write_json(metrics_path, metrics)
@@ -166,7 +148,7 @@ def _skip(out_dir: Path, live_dir: Path, metrics_path: Path, why: str) -> dict[s
 
 
 def _skip_with_init(
-    init_dir: Path, out_dir: Path, live_dir: Path, metrics_path: Path
+    init_dir: Path, out_dir: Path, token_dir: Path, live_dir: Path, metrics_path: Path
 ) -> dict[str, Any]:
     """model.init_pretraining=skip: the checkpoint is the pretrained encoder, as it is."""
     from transformers import AutoModel, AutoTokenizer
@@ -181,6 +163,8 @@ def _skip_with_init(
         "parameters": count_parameters(encoder),
         "steps": 0,
     }
+    with atomic_dir(token_dir) as scratch:
+        write_json(scratch / "skipped.json", metrics)
     write_json(live_dir / "skipped.json", metrics)
     write_json(metrics_path, metrics)
     log.info("pretrain: skipped; the encoder is %s as it is", init_dir)
@@ -253,16 +237,20 @@ def _batch_indices(step: int, batch: int, rows: int, seed: int, rank: int, world
     return order[start : start + batch]
 
 
-def evaluate_loss(model: Any, rows: Any, collator: Any, cfg: PretrainConfig, device: Any) -> float:
+def evaluate_loss(
+    model: Any, rows: Windows, collator: Any, cfg: PretrainConfig, device: Any
+) -> float:
     """Mean LM loss over the first `eval_batches` validation batches, with fixed masking."""
     import torch
 
     model.eval()
     losses = []
+    end = min(len(rows), cfg.eval_batches * cfg.batch_size)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        for start in range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-            batch = collator([{"input_ids": r} for r in rows[start : start + cfg.batch_size]])
+        for start in range(0, end, cfg.batch_size):
+            window = rows.rows(range(start, min(end, start + cfg.batch_size)))
+            batch = collator([{"input_ids": r} for r in window])
             out = model(**{k: v.to(device) for k, v in batch.items()})
             losses.append(out.loss.item())
     model.train()
@@ -275,6 +263,7 @@ def run(
     tokenizer_dir: Path,
     validated_dir: Path,
     out_dir: Path,
+    token_dir: Path,
     checkpoint_dir: Path,
     live_dir: Path,
     metrics_path: Path,
@@ -282,28 +271,45 @@ def run(
     used: bool = True,
 ) -> dict[str, Any]:
     """Pretrain; `used` is false when fine-tuning starts from random weights
-    (`finetune.from_pretrained: false`), and then nothing is trained for nobody."""
+    (`finetune.from_pretrained: false`), and then nothing is trained for nobody. The texts
+    are tokenized once into `token_dir` (lmops/tokens.py) and windows are read from there."""
 
     if not used:
-        return _skip(out_dir, live_dir, metrics_path, "finetune.from_pretrained is false")
+        return _skip(
+            out_dir, token_dir, live_dir, metrics_path, "finetune.from_pretrained is false"
+        )
     if init_dir is not None and model_cfg.init_pretraining == "skip":
-        return _skip_with_init(init_dir, out_dir, live_dir, metrics_path)
+        return _skip_with_init(init_dir, out_dir, token_dir, live_dir, metrics_path)
     tokenizer = load_tokenizer(tokenizer_dir)
-    # Task-adaptive pretraining: `pretrain.texts` may leave the general corpus out.
-    texts = [
-        t
-        for table in cfg.texts
-        for t in pd.read_parquet(validated_dir / f"{table}.parquet")["text"]
-    ]
-    train_rows = pack(tokenizer, texts, model_cfg.max_length)
-    val_rows = pack(
-        tokenizer,
-        pd.read_parquet(validated_dir / "val.parquet")["text"].tolist(),
-        model_cfg.max_length,
-    )
-
+    tokenizer_sha256 = _dir_digest(tokenizer_dir)
     accelerator = accelerator_for(cfg)
     world = accelerator.num_processes
+    # Task-adaptive pretraining: `pretrain.texts` may leave the general corpus out.
+    sources = {
+        "train": [validated_dir / f"{table}.parquet" for table in cfg.texts],
+        "val": [validated_dir / "val.parquet"],
+    }
+    if accelerator.is_main_process:
+        with atomic_dir(token_dir) as scratch:  # the folder DVC tracks appears whole
+            for split, tables in sources.items():
+                made = tokens.write(
+                    tokens.parquet_texts(tables), tokenizer, scratch / split, tokenizer_sha256
+                )
+                log.info(
+                    "pretrain: %s: %d documents, %d tokens", split, made.documents, made.tokens
+                )
+    accelerator.wait_for_everyone()
+    train_rows, val_rows = (
+        Windows(
+            token_dir / split,
+            model_cfg.max_length,
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            tokenizer_sha256,
+        )
+        for split in sources
+    )
+
     if len(train_rows) < cfg.batch_size * world:
         raise DataError(
             f"pretrain: the corpus + train split pack into {len(train_rows)} sequences of "
@@ -353,8 +359,8 @@ def run(
             cfg.model_dump(),
             model_cfg.model_dump(),
             _dir_digest(tokenizer_dir),
-            # The packed token rows themselves: changed data never resumes a stale checkpoint.
-            hashlib.sha256(train_rows.numpy().tobytes()).hexdigest(),
+            # The token windows themselves: changed data never resumes a stale checkpoint.
+            train_rows.digest(),
             world,
         ),
     )
@@ -383,11 +389,11 @@ def run(
     )
     window_start, window_tokens = time.perf_counter(), 0
     for step in shown:
-        rows = train_rows[
+        rows = train_rows.rows(
             _batch_indices(
                 step, cfg.batch_size, len(train_rows), cfg.seed, accelerator.process_index, world
-            )
-        ]
+            ).tolist()
+        )
         batch = collator([{"input_ids": r} for r in rows])
         loss = train_step(model, batch, accelerator, optimizer, schedule).item()
         window_tokens += tokens_per_step

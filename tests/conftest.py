@@ -239,6 +239,7 @@ def build_tiny_classifier(
         dirs["tokenizer"],
         validated,
         dirs["pretrained"],
+        root / "tokens",
         root / "ckpt",
         root / "live",
         root / "p.json",

@@ -239,6 +239,7 @@ def test_both_stages_report_mfu_where_a_peak_is_known(
         tokenizer_dir,
         tiny_validated,
         tmp_path / "pretrained",
+        tmp_path / "tokens",
         tmp_path / "ckpt",
         tmp_path / "live",
         tmp_path / "p.json",
