@@ -1,0 +1,155 @@
+"""Pretraining's memory and time per step as the corpus grows, before and after a change,
+side by side in one run: `lmops stage pretrain` from a git revision (a temporary worktree)
+and from the working tree, on the same validated data, tokenizer and params.
+
+    .venv/bin/python -m bench.scale --rev 8b1c0de [--copies 1,10,30] [--steps 20]
+
+The corpus is People's Daily news (builtin:zh-news, 19.5k documents) repeated N times,
+each copy tagged so that every document stays distinct, as issue 33's table measured it;
+pretraining runs `--steps` steps on the corpus alone with the tiny profile's model. Peak
+memory is the stage's own record (reports/cost/pretrain.json, the process's max RSS).
+Writes reports/bench/scale.json: per side and size, peak MB, wall seconds, seconds per
+step, and the after/before ratio of peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.server_overhead import importable
+from bench.serving import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_PARAMS = {
+    "pretrain.texts": ["corpus"],
+    "finetune.from_pretrained": True,
+    "pretrain.eval_batches": 2,
+}
+
+
+def prepare(scratch: Path, copies: list[int], steps: int) -> tuple[Path, dict[int, Path]]:
+    """The tiny profile's validated data and tokenizer once, then one validated folder per
+    size whose corpus is the news corpus repeated."""
+    from lmops.config import apply_overrides, resolve_overrides
+    from lmops.sources import read_corpus
+
+    base = scratch / "base"
+    base.mkdir()
+    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
+    shutil.copytree(ROOT / "profiles", base / "profiles")
+    overrides = [f"{k}={json.dumps(v)}" for k, v in STAGE_PARAMS.items()]
+    overrides += [f"pretrain.steps={steps}", f"pretrain.checkpoint_every={steps + 1}"]
+    apply_overrides(base, resolve_overrides(base, "tiny", overrides))
+    for stage in ("base", "ingest", "validate", "tokenizer"):
+        subprocess.run(
+            [sys.executable, "-m", "lmops", "stage", stage],
+            cwd=base,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    news = read_corpus("builtin:zh-news", base).frame["text"].astype(str).tolist()
+    validated = {}
+    for n in copies:
+        folder = scratch / f"validated-{n}x"
+        shutil.copytree(base / "data" / "validated", folder)
+        texts = [f"{t}（{copy}）" if copy else t for copy in range(n) for t in news]
+        pd.DataFrame({"text": texts}).to_parquet(folder / "corpus.parquet", index=False)
+        validated[n] = folder
+    return base, validated
+
+
+def run_stage(side_code: Path, base: Path, validated: Path, work: Path) -> dict[str, Any]:
+    """`lmops stage pretrain` with `side_code` importing, in a fresh copy of the workspace."""
+    shutil.copytree(base, work, ignore=shutil.ignore_patterns("validated", "reports"))
+    (work / "data" / "validated").symlink_to(validated)
+    path, _ = importable(side_code, work / ".code")
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    subprocess.run(
+        [sys.executable, "-m", "lmops", "stage", "pretrain"],
+        cwd=work,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cost = json.loads((work / "reports" / "cost" / "pretrain.json").read_text("utf-8"))
+    metrics = json.loads((work / "reports" / "pretrain.json").read_text("utf-8"))
+    result = {
+        "peak_memory_mb": cost["peak_memory_mb"],
+        "wall_seconds": cost["wall_seconds"],
+        "training_seconds": metrics["seconds"],
+        "seconds_per_step": round(metrics["seconds"] / metrics["steps"], 4),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="The 'before' git revision.")
+    parser.add_argument("--copies", default="1,10,30", help="Corpus sizes, in copies.")
+    parser.add_argument("--after-only", default="", help="Sizes run on the working tree only.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports/bench/scale.json")
+    args = parser.parse_args()
+    both = [int(n) for n in args.copies.split(",") if n]
+    after_only = [int(n) for n in args.after_only.split(",") if n]
+
+    runs: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        before_code = scratch / "before-code"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(before_code), args.rev],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            base, validated = prepare(scratch, sorted({*both, *after_only}), args.steps)
+            for n in sorted({*both, *after_only}):
+                sides = (
+                    {"after": ROOT} if n in after_only else {"before": before_code, "after": ROOT}
+                )
+                for side, code in sides.items():
+                    runs[side][f"{n}x"] = run_stage(code, base, validated[n], scratch / "work")
+                    print(f"{n}x {side}: {runs[side][f'{n}x']}", flush=True)
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(before_code)],
+                cwd=ROOT,
+                capture_output=True,
+            )
+    summary: dict[str, dict[str, Any]] = {}
+    for size, after in runs["after"].items():
+        row = {f"after_{k}": v for k, v in after.items()}
+        if (before := runs["before"].get(size)) is not None:
+            row |= {f"before_{k}": v for k, v in before.items()}
+            row["after_vs_before_peak_memory"] = round(
+                after["peak_memory_mb"] / before["peak_memory_mb"], 3
+            )
+        summary[size] = row
+    facts = {
+        "before_rev": subprocess.run(
+            ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "after": "working tree",
+        "corpus": "builtin:zh-news repeated, each copy tagged",
+        "params": {"profile": "tiny", "pretrain.steps": args.steps, **STAGE_PARAMS},
+    }
+    write_result(args.out, facts, summary, runs)
+
+
+if __name__ == "__main__":
+    main()
