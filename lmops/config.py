@@ -87,6 +87,7 @@ class TokenizerConfig(_Strict):
     min_frequency: int = Field(ge=1)
     lowercase: bool
     limit_alphabet: int = Field(ge=100)
+    sample_docs: int | None = Field(ge=1)
 
 
 class ModelConfig(_Strict):

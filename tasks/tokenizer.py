@@ -9,6 +9,7 @@ single tokens. Latin text gets word pieces in both.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,33 @@ import pandas as pd
 
 from lmops.atomic import atomic_dir, write_json
 from lmops.config import ModelConfig, TokenizerConfig
+from lmops.tokens import parquet_texts
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _texts(validated_dir: Path) -> Iterator[str]:
-    for table in ("corpus", "train"):
-        yield from pd.read_parquet(validated_dir / f"{table}.parquet")["text"]
+def _texts(validated_dir: Path, sample_docs: int | None) -> Iterator[str]:
+    """The corpus and train texts, a chunk at a time; or a seeded uniform sample of
+    `sample_docs` of them (reservoir sampling: memory holds the sample, never the tables)."""
+    chunks = parquet_texts(validated_dir / f"{table}.parquet" for table in ("corpus", "train"))
+    if sample_docs is None:
+        for chunk in chunks:
+            yield from chunk
+        return
+    rng = random.Random(0)
+    sample: list[str] = []
+    seen = 0
+    for chunk in chunks:
+        for text in chunk:
+            seen += 1
+            if len(sample) < sample_docs:
+                sample.append(text)
+            elif (slot := rng.randrange(seen)) < sample_docs:
+                sample[slot] = text
+    log.info("tokenizer: trains on %d of %d documents (tokenizer.sample_docs)", len(sample), seen)
+    yield from sample
 
 
 def _train_backend(cfg: TokenizerConfig, texts: Iterator[str]) -> Any:
@@ -115,7 +134,7 @@ def run(
     """Train a tokenizer, or take the one of the `model.init_from` checkpoint (its weights
     only understand its own vocabulary)."""
     if init_dir is None:
-        tokenizer = build(cfg, model_cfg, _texts(validated_dir))
+        tokenizer = build(cfg, model_cfg, _texts(validated_dir, cfg.sample_docs))
     else:
         from transformers import AutoTokenizer
 

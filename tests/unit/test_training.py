@@ -51,6 +51,34 @@ def _pretrain(params: Params, tokenizer_dir: Path, validated: Path, root: Path) 
     )
 
 
+def test_the_tokenizer_trains_on_a_seeded_sample(
+    repo_params_raw: dict, tiny_validated: Path, tmp_path: Path
+) -> None:
+    """tokenizer.sample_docs: that many documents, the same ones every run, drawn in one
+    pass; null streams every document of the corpus and train split, in order."""
+    import pandas as pd
+
+    every = [
+        t
+        for table in ("corpus", "train")
+        for t in pd.read_parquet(tiny_validated / f"{table}.parquet")["text"]
+    ]
+    assert list(tokenizer._texts(tiny_validated, None)) == every
+    sample = list(tokenizer._texts(tiny_validated, 300))
+    assert len(sample) == 300 and set(sample) <= set(every)
+    assert sample == list(tokenizer._texts(tiny_validated, 300))
+    assert sample[:10] != every[:10]  # drawn from the whole stream, not its head
+    params = tiny(repo_params_raw, tokenizer__sample_docs=300)
+    made = [tmp_path / name for name in ("a", "b")]
+    for out in made:
+        tokenizer.run(params.tokenizer, params.model, tiny_validated, out, out.parent / "t.json")
+    # The same vocabulary (the trainer numbers tied tokens in no fixed order, sample or not).
+    vocabularies = [
+        json.loads((out / "tokenizer.json").read_text())["model"]["vocab"] for out in made
+    ]
+    assert set(vocabularies[0]) == set(vocabularies[1])
+
+
 def test_tokenizer_loads_offline_and_adds_cls_sep(tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
