@@ -15,6 +15,7 @@ step, and the after/before ratio of peak memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from bench.server_overhead import importable
 from bench.serving import write_result
@@ -69,10 +71,35 @@ def prepare(scratch: Path, copies: list[int], steps: int) -> tuple[Path, dict[in
     return base, validated
 
 
-def run_stage(side_code: Path, base: Path, validated: Path, work: Path) -> dict[str, Any]:
-    """`lmops stage pretrain` with `side_code` importing, in a fresh copy of the workspace."""
+def _merge(tree: dict[str, Any], changes: dict[str, Any]) -> None:
+    """`changes` into `tree`, key by key at every depth (a profile over the defaults)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def run_stage(
+    side_code: Path, base: Path, validated: Path, work: Path, steps: int
+) -> dict[str, Any]:
+    """`lmops stage pretrain` with `side_code` importing, in a fresh copy of the workspace
+    whose params are that code's own (each revision's config is strict)."""
     shutil.copytree(base, work, ignore=shutil.ignore_patterns("validated", "reports"))
     (work / "data" / "validated").symlink_to(validated)
+    stage_params = {
+        **STAGE_PARAMS,
+        "pretrain.steps": steps,
+        "pretrain.checkpoint_every": steps + 1,
+    }
+    raw = yaml.safe_load((side_code / "profiles" / "default.yaml").read_text("utf-8"))
+    _merge(raw, yaml.safe_load((side_code / "profiles" / "tiny.yaml").read_text("utf-8")))
+    for dotted, value in stage_params.items():
+        *parents, leaf = dotted.split(".")
+        _merge(
+            raw, functools.reduce(lambda tree, key: {key: tree}, reversed(parents), {leaf: value})
+        )
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), "utf-8")
     path, _ = importable(side_code, work / ".code")
     env = {**os.environ, "PYTHONPATH": str(path)}
     subprocess.run(
@@ -123,7 +150,9 @@ def main() -> None:
                     {"after": ROOT} if n in after_only else {"before": before_code, "after": ROOT}
                 )
                 for side, code in sides.items():
-                    runs[side][f"{n}x"] = run_stage(code, base, validated[n], scratch / "work")
+                    runs[side][f"{n}x"] = run_stage(
+                        code, base, validated[n], scratch / "work", args.steps
+                    )
                     print(f"{n}x {side}: {runs[side][f'{n}x']}", flush=True)
         finally:
             subprocess.run(
