@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from bench.server_overhead import importable
@@ -65,8 +66,13 @@ def prepare(scratch: Path, copies: list[int], steps: int) -> tuple[Path, dict[in
     for n in copies:
         folder = scratch / f"validated-{n}x"
         shutil.copytree(base / "data" / "validated", folder)
-        texts = [f"{t}（{copy}）" if copy else t for copy in range(n) for t in news]
-        pd.DataFrame({"text": texts}).to_parquet(folder / "corpus.parquet", index=False)
+        # A copy at a time: a stage forked from a big bench process would inherit its
+        # peak RSS (Linux keeps ru_maxrss across exec), and measure the bench, not itself.
+        schema = pa.schema([("text", pa.string())])
+        with pq.ParquetWriter(folder / "corpus.parquet", schema) as corpus:
+            for copy in range(n):
+                texts = [f"{t}（{copy}）" if copy else t for t in news]
+                corpus.write_table(pa.table({"text": texts}, schema=schema))
         validated[n] = folder
     return base, validated
 
