@@ -29,11 +29,30 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _own_peak_kib() -> int:
+    """This process's peak resident set. On Linux its address space's (VmHWM): ru_maxrss
+    carries over fork and exec, so a stage run by a 2 GB flow would report 2 GB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# What this process inherited from whatever forked it (Linux reports KiB).
+_INHERITED_KIB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_memory_mb() -> float:
-    """Peak resident set of this process or its largest child (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set of this process or its largest child. A child's ru_maxrss carries
+    this process's, inherited figure included, at the fork: it is the child's own only
+    where it is above both."""
+    own = _own_peak_kib()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+    return (children if children > max(own, _INHERITED_KIB) else own) / 1024
 
 
 def _gpu_in_use() -> tuple[int, float | None]:

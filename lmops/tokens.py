@@ -61,10 +61,9 @@ def write(
 
         def flush(tokens: np.ndarray) -> None:
             name = f"tokens-{len(shards):05d}.bin"
-            data = tokens.astype(dtype, copy=False)
-            data.tofile(scratch / name)
+            tokens.tofile(scratch / name)
             shards.append(
-                TokenShard(file=name, tokens=len(data), sha256=hashlib.sha256(data).hexdigest())
+                TokenShard(file=name, tokens=len(tokens), sha256=hashlib.sha256(tokens).hexdigest())
             )
 
         for texts in chunks:
@@ -72,7 +71,7 @@ def write(
             encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
             documents += len(encoded)
             flat = np.fromiter(
-                (token for e in encoded for token in (*e.ids, separator)), dtype=np.int64
+                (token for e in encoded for token in (*e.ids, separator)), dtype=dtype
             )
             pending.append(flat)
             pending_tokens += len(flat)
@@ -115,13 +114,16 @@ class Windows:
                 f"{token_dir}: a vocabulary of {self.manifest.vocab_size:,} tokens outgrows "
                 f"{dtype.name} token files"
             )
-        self.maps = [self._open(token_dir / s.file, dtype, s.tokens) for s in self.manifest.shards]
+        self.dtype = dtype
+        self.shards = [token_dir / s.file for s in self.manifest.shards]
+        for path, shard in zip(self.shards, self.manifest.shards, strict=True):
+            self._check(path, dtype, shard.tokens)
         self.body, self.seq_len, self.cls, self.sep = seq_len - 2, seq_len, cls, sep
-        per_shard = [len(tokens) // self.body for tokens in self.maps]
+        per_shard = [s.tokens // self.body for s in self.manifest.shards]
         self.starts = np.cumsum([0, *per_shard])
 
     @staticmethod
-    def _open(path: Path, dtype: np.dtype, tokens: int) -> np.memmap:
+    def _check(path: Path, dtype: np.dtype, tokens: int) -> None:
         size = path.stat().st_size if path.is_file() else None
         if size != tokens * dtype.itemsize:
             found = "missing" if size is None else f"{size:,} bytes"
@@ -129,7 +131,15 @@ class Windows:
                 f"{path}: a torn token shard ({found}; its manifest says {tokens:,} "
                 f"{dtype.name} tokens, {tokens * dtype.itemsize:,} bytes)"
             )
-        return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
+
+    def _map(self, shard: int, start: int = 0, count: int | None = None) -> np.memmap:
+        """A map of `count` tokens of one shard from `start`, made per read and dropped
+        after it (as nanoGPT does): pages a long run touched stay in the page cache, not in
+        the process's resident memory."""
+        tokens = self.manifest.shards[shard].tokens
+        count = tokens - start if count is None else count
+        offset = start * self.dtype.itemsize
+        return np.memmap(self.shards[shard], self.dtype, mode="r", offset=offset, shape=(count,))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -143,8 +153,8 @@ class Windows:
         out[:, 0], out[:, -1] = self.cls, self.sep
         shards = np.searchsorted(self.starts, wanted, side="right") - 1
         for row, (index, shard) in enumerate(zip(wanted, shards, strict=True)):
-            offset = (index - self.starts[shard]) * self.body
-            out[row, 1:-1] = self.maps[shard][offset : offset + self.body]
+            start = int(index - self.starts[shard]) * self.body
+            out[row, 1:-1] = self._map(int(shard), start, self.body)
         return torch.from_numpy(out)
 
     def digest(self) -> str:
@@ -152,13 +162,14 @@ class Windows:
         joined = ",".join(s.sha256 for s in self.manifest.shards) + f"/{self.seq_len}"
         return hashlib.sha256(joined.encode()).hexdigest()
 
-    def token_counts(self, vocab_size: int, chunk: int = SHARD_TOKENS) -> np.ndarray:
+    def token_counts(self, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
         """How often each id occurs in the windows' bodies (the [CLS]/[SEP] they add aside),
         counted a chunk at a time."""
         counts = np.zeros(vocab_size, dtype=np.int64)
-        for tokens, start, end in zip(self.maps, self.starts[:-1], self.starts[1:], strict=True):
+        for shard, (start, end) in enumerate(zip(self.starts[:-1], self.starts[1:], strict=True)):
             used = int(end - start) * self.body
             for begin in range(0, used, chunk):
-                part = np.asarray(tokens[begin : min(used, begin + chunk)], dtype=np.int64)
+                part = self._map(shard, begin, min(chunk, used - begin))
                 counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+                del part
         return counts

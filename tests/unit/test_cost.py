@@ -128,3 +128,21 @@ def test_the_cost_gate_caps_serving_cost_growth(challenger_cost: float, passed: 
     (cost,) = [g for g in gates if g["gate"] == "cost_vs_prod"]
     assert cost["passed"] is passed
     assert cost["threshold"] == "<= 125.0 (100.0 + 25%)"
+
+
+def test_a_stage_forked_by_a_big_process_reports_its_own_peak() -> None:
+    """Linux carries ru_maxrss over fork and exec: a stage run by a 1 GB flow would report
+    1 GB. The meter reads its own address space's peak (VmHWM) instead."""
+    import subprocess
+    import sys
+
+    held = bytearray(1 << 30)
+    held[:: 1 << 12] = b"\x01" * len(held[:: 1 << 12])  # touch every page: resident
+    child = "from lmops.cost import _peak_memory_mb; print(_peak_memory_mb())"
+    reported = float(
+        subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert len(held) == 1 << 30
+    assert reported < 500, f"the child reported its parent's peak: {reported:.0f} MB"
