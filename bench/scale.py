@@ -7,7 +7,9 @@ and from the working tree, on the same validated data, tokenizer and params.
 The corpus is People's Daily news (builtin:zh-news, 19.5k documents) repeated N times,
 each copy tagged so that every document stays distinct, as issue 33's table measured it;
 pretraining runs `--steps` steps on the corpus alone with the tiny profile's model. Peak
-memory is the stage's own record (reports/cost/pretrain.json, the process's max RSS).
+memory is the stage's own record (reports/cost/pretrain.json: on the working tree its
+address space's peak, VmHWM; a revision before cb1d1c7 reports ru_maxrss, which counts
+what the process inherited from the bench, kept small for that reason).
 Writes reports/bench/scale.json: per side and size, peak MB, wall seconds, seconds per
 step, and the after/before ratio of peak memory.
 """
