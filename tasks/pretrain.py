@@ -8,6 +8,7 @@ tokenizer and data, and continues from its step; nothing else ever resumes from 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -224,17 +225,24 @@ class Checkpoints:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _pass_order(rows: int, seed: int) -> Any:
+    """One pass's seeded order of the rows, drawn once per pass (drawing it every step
+    cost time in proportion to the corpus: 0.32 s a step at 100x the news corpus)."""
+    import torch
+
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    return order.to(torch.int32) if rows < 2**31 else order
+
+
 def _batch_indices(step: int, batch: int, rows: int, seed: int, rank: int, world: int) -> Any:
     """Rows for this process at `step`: a fresh seeded permutation each pass over the data,
     so a resumed run draws exactly the batches the killed run would have drawn."""
-    import torch
-
     per_step = batch * world
     steps_per_pass = rows // per_step
     pass_index, offset = divmod(step, steps_per_pass)
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed + pass_index))
     start = offset * per_step + rank * batch
-    return order[start : start + batch]
+    return _pass_order(rows, seed + pass_index)[start : start + batch].long()
 
 
 def evaluate_loss(

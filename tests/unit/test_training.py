@@ -459,3 +459,18 @@ def test_resuming_survives_a_dvclive_summary_cut_short_by_a_kill(tmp_path: Path)
     live.log_metric("train/loss", 1.0)
     live.next_step()
     assert json.loads((tmp_path / "metrics.json").read_text("utf-8"))["step"] == 50
+
+
+def test_batches_follow_one_seeded_permutation_a_pass() -> None:
+    """The order is drawn once a pass (not every step), and is the same permutation it was
+    when it was drawn every step: resumed runs and old checkpoints draw the same batches."""
+    import torch
+
+    rows, batch, seed = 1000, 8, 3
+    for step in (0, 5, 124, 125, 130):
+        pass_index, offset = divmod(step, rows // batch)
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed + pass_index))
+        expected = order[offset * batch : offset * batch + batch]
+        assert torch.equal(pretrain._batch_indices(step, batch, rows, seed, 0, 1), expected)
+    first, second = (pretrain._batch_indices(s, batch, rows, seed, 0, 1) for s in (0, 125))
+    assert not torch.equal(first, second)  # a new pass, a new order
