@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from starlette.responses import JSONResponse
+from fastapi.responses import JSONResponse
 
 from lmops.config import ENDPOINT_GROUPS, AuthConfig
 from lmops.errors import ConfigError
