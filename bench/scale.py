@@ -33,6 +33,7 @@ import yaml
 
 from bench.server_overhead import importable
 from bench.serving import write_result
+from lmops.artifacts import StageCost, StageRun
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_PARAMS = {
@@ -118,13 +119,13 @@ def run_stage(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    cost = json.loads((work / "reports" / "cost" / "pretrain.json").read_text("utf-8"))
-    metrics = json.loads((work / "reports" / "pretrain.json").read_text("utf-8"))
+    cost = StageCost.read(work / "reports" / "cost" / "pretrain.json")
+    metrics = StageRun.read(work / "reports" / "pretrain.json")
     result = {
-        "peak_memory_mb": cost["peak_memory_mb"],
-        "wall_seconds": cost["wall_seconds"],
-        "training_seconds": metrics["seconds"],
-        "seconds_per_step": round(metrics["seconds"] / metrics["steps"], 4),
+        "peak_memory_mb": cost.peak_memory_mb,
+        "wall_seconds": cost.wall_seconds,
+        "training_seconds": metrics.seconds,
+        "seconds_per_step": round(metrics.seconds / metrics.steps, 4),
     }
     shutil.rmtree(work, ignore_errors=True)
     return result
