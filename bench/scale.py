@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from bench.server_overhead import importable
+from bench.server_overhead import importable, revision_worktree
 from bench.serving import write_result
 from lmops.artifacts import StageCost, StageRun
 
@@ -145,14 +145,7 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        before_code = scratch / "before-code"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(before_code), args.rev],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        try:
+        with revision_worktree(args.rev, scratch / "before-code") as before_code:
             base, validated = prepare(scratch, sorted({*both, *after_only}), args.steps)
             for n in sorted({*both, *after_only}):
                 sides = (
@@ -163,12 +156,6 @@ def main() -> None:
                         code, base, validated[n], scratch / "work", args.steps
                     )
                     print(f"{n}x {side}: {runs[side][f'{n}x']}", flush=True)
-        finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(before_code)],
-                cwd=ROOT,
-                capture_output=True,
-            )
     summary: dict[str, dict[str, Any]] = {}
     for size, after in runs["after"].items():
         row = {f"after_{k}": v for k, v in after.items()}

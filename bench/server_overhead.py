@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,24 @@ from lmops.stages import PIPELINE
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
 BENCH_KEY = "bench-key-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def revision_worktree(rev: str, where: Path) -> Iterator[Path]:
+    """`rev` checked out in a temporary git worktree at `where`, removed afterwards: the
+    "before" side of a bench that runs two revisions in one process."""
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(where), rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True
+        )
 
 
 def tiny_export(scratch: Path) -> tuple[Path, list[str]]:
@@ -146,14 +166,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        before_code = scratch / "before-code"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(before_code), args.rev],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        try:
+        with revision_worktree(args.rev, scratch / "before-code") as before_code:
             if args.model_dir is None:
                 model_dir, texts = tiny_export(scratch)
             else:
@@ -174,12 +187,6 @@ def main() -> None:
                     rounds[side].append(
                         serve_and_load(roots[side], sides[side], texts, args.seconds, port, key)
                     )
-        finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(before_code)],
-                cwd=ROOT,
-                capture_output=True,
-            )
 
     summary = side_by_side(
         {s: rounds[s] for s in ("before", "after")}, "before", "after", CONCURRENCY
